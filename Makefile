@@ -1,0 +1,29 @@
+# One command to serve, one to test. Both build .venv first.
+# CPU machines get torch==2.13.0 (CPU build); on a GPU machine set TORCH_SPEC to your CUDA build.
+VENV       ?= .venv
+PYTHON     ?= python3
+TORCH_SPEC ?= torch==2.13.0
+MODEL      ?= tiny/z-image
+PORT       ?= 8091
+TP         ?= 1
+BIN        := $(VENV)/bin
+
+.PHONY: install serve test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+serve: install
+	$(BIN)/python examples/offline_inference/text_to_image/text_to_image.py --model $(MODEL) --tensor-parallel-size $(TP) --output output.png
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

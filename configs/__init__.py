@@ -1,0 +1,24 @@
+"""Model-family configuration: one YAML file per family, validated once into typed objects.
+
+Every layer may read this package; it imports nothing from server/, engine/ or workers/.
+"""
+
+from configs.families import (
+    FamilyConfig,
+    SamplingDefaults,
+    SizeLimits,
+    TinyRecipe,
+    family_for_pipeline_class,
+    load_family,
+    load_all_families,
+)
+
+__all__ = [
+    "FamilyConfig",
+    "SamplingDefaults",
+    "SizeLimits",
+    "TinyRecipe",
+    "family_for_pipeline_class",
+    "load_family",
+    "load_all_families",
+]

@@ -1,0 +1,101 @@
+"""Typed view of the per-family YAML files in this folder."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Strict):
+    """Values used for any sampling parameter a request leaves unset."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+
+    def overridden_by(self, other: "SamplingDefaults") -> "SamplingDefaults":
+        return self.model_copy(update=other.model_dump(exclude_none=True))
+
+
+class SizeLimits(_Strict):
+    multiple_of: int
+    min: int
+    max: int
+
+    def check(self, height: int, width: int) -> None:
+        """Raise ValueError naming the sizes that work when height x width is not one of them."""
+        for name, value in (("height", height), ("width", width)):
+            if value % self.multiple_of or not self.min <= value <= self.max:
+                raise ValueError(
+                    f"{name}={value} is not supported: height and width must be multiples of "
+                    f"{self.multiple_of} between {self.min} and {self.max} (for example "
+                    f"{self.nearest(value)})"
+                )
+
+    def nearest(self, value: int) -> int:
+        rounded = round(value / self.multiple_of) * self.multiple_of
+        return max(self.min, min(self.max, rounded))
+
+
+class TinyRecipe(_Strict):
+    """Numbers of the built-in tiny variant: component configs and sampling overrides."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    seed: int = 0
+    defaults: SamplingDefaults = SamplingDefaults()
+    transformer: dict[str, Any]
+
+    def component(self, name: str) -> dict[str, Any]:
+        return dict(getattr(self, name))
+
+
+class FamilyConfig(_Strict):
+    name: str
+    pipeline_class: str
+    transformer_class: str
+    task: Literal["text-to-image", "image-edit"]
+    defaults: SamplingDefaults
+    size: SizeLimits
+    tiny: TinyRecipe
+
+    @property
+    def is_edit(self) -> bool:
+        return self.task == "image-edit"
+
+
+@functools.cache
+def load_all_families() -> dict[str, FamilyConfig]:
+    families = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        family = FamilyConfig.model_validate(yaml.safe_load(path.read_text()))
+        families[family.name] = family
+    return families
+
+
+def load_family(name: str) -> FamilyConfig:
+    families = load_all_families()
+    if name not in families:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(families)}")
+    return families[name]
+
+
+def family_for_pipeline_class(pipeline_class: str) -> FamilyConfig:
+    for family in load_all_families().values():
+        if family.pipeline_class == pipeline_class:
+            return family
+    supported = ", ".join(f"{f.name} ({f.pipeline_class})" for f in load_all_families().values())
+    raise ValueError(f"pipeline class {pipeline_class!r} is not supported; supported families: {supported}")

@@ -1,0 +1,72 @@
+"""Turns what a user passes as `model=` into a local diffusers folder and its model family.
+
+Accepted: a built-in tiny model ("tiny/z-image"), a local diffusers folder, or a Hugging Face
+hub id (looked up in the local hub cache first, downloaded only when the hub is reachable).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+from configs import FamilyConfig, SamplingDefaults, family_for_pipeline_class, load_family
+
+from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
+
+DEFAULT_MODEL = "tiny/z-image"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    family: FamilyConfig
+    defaults: SamplingDefaults
+
+
+def resolve_model(model: str) -> ResolvedModel:
+    """Raise ValueError with what was wrong and what would work when `model` cannot be used."""
+    if model.startswith(TINY_PREFIX):
+        if model not in tiny_model_names():
+            raise ValueError(f"unknown tiny model {model!r}; built-in: {', '.join(tiny_model_names())}")
+        family = load_family(model.removeprefix(TINY_PREFIX))
+        path = cached_tiny_model(model)
+        return ResolvedModel(model, path, family, family.defaults.overridden_by(family.tiny.defaults))
+    local = Path(model).expanduser()
+    path = local if local.is_dir() else _hub_snapshot(model)
+    family = _family_of(path, model)
+    return ResolvedModel(model, path, family, family.defaults)
+
+
+def _hub_snapshot(model: str) -> Path:
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise ValueError(
+            f"model {model!r} is not a local directory, not a built-in tiny model "
+            f"({', '.join(tiny_model_names())}) and not a Hugging Face id of the form 'org/name'"
+        )
+    try:
+        return Path(huggingface_hub.snapshot_download(model, local_files_only=True))
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(huggingface_hub.snapshot_download(model))
+    except Exception as exc:
+        raise ValueError(
+            f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}). Download it where the hub is reachable "
+            f"(`hf download {model}`) and copy the cache to HF_HOME here, or pass the path of a "
+            f"local diffusers folder"
+        ) from None
+
+
+def _family_of(path: Path, model: str) -> FamilyConfig:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"model {model!r}: {path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipeline_class = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"model {model!r}: {index} is not a valid model index ({exc})") from None
+    return family_for_pipeline_class(pipeline_class)

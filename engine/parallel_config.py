@@ -1,0 +1,41 @@
+"""User-facing parallelism and device settings, and how they become a WorkerSpec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from workers import WorkerSpec
+
+from engine.model_resolver import ResolvedModel
+from engine.worker_group import free_port, usable_cores
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DiffusionParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
+
+
+def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto") -> WorkerSpec:
+    """Use CUDA when it has a device per rank, else the CPU with the cores shared between ranks."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    world_size = parallel.tensor_parallel_size
+    on_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    if dtype == "auto":
+        dtype = "bfloat16" if on_cuda else "float32"
+    return WorkerSpec(
+        model_path=model.path,
+        family_name=model.family.name,
+        world_size=world_size,
+        device_type="cuda" if on_cuda else "cpu",
+        dtype=dtype,
+        master_port=free_port(),
+        threads_per_rank=max(1, usable_cores() // world_size),
+    )

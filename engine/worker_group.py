@@ -1,0 +1,171 @@
+"""Starts, watches and stops the rank processes of one model, and matches results to requests.
+
+One queue carries requests to the driver rank; one carries events (ready, results, failures)
+back from every rank. A reader thread resolves each request's Future and fails every pending
+Future at once when any rank dies, so no caller waits on a group that cannot answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future
+
+import torch.multiprocessing as mp
+from workers import (
+    GenerationFailure,
+    GenerationRequest,
+    GenerationResult,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStartupFailed,
+)
+from workers.worker_process import run_worker
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+_STOP_GRACE_S = 10.0
+
+
+class WorkerStartupError(RuntimeError):
+    """A rank failed while loading; the message carries the rank's own traceback."""
+
+
+class WorkerGroupDied(RuntimeError):
+    """A rank process exited while requests were pending."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class WorkerGroup:
+    def __init__(self, spec: WorkerSpec, startup_timeout_s: float = 600.0):
+        self.spec = spec
+        self.startup_timeout_s = startup_timeout_s
+        self._context = mp.get_context("spawn")
+        self._processes: list = []
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.dead_reason: str | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn every rank and wait until all have loaded; raise WorkerStartupError otherwise."""
+        self._requests = self._context.Queue()
+        self._events = self._context.Queue()
+        for rank in range(self.spec.world_size):
+            process = self._context.Process(
+                target=run_worker,
+                args=(rank, self.spec, self._requests if rank == 0 else None, self._events),
+                name=f"ditserve-rank{rank}",
+                daemon=True,
+            )
+            process.start()
+            self._processes.append(process)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self._reader = threading.Thread(target=self._read_events, name="ditserve-events", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self) -> None:
+        ready: set[int] = set()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while len(ready) < self.spec.world_size:
+            if time.monotonic() > deadline:
+                raise WorkerStartupError(f"workers did not load within {self.startup_timeout_s:.0f} s")
+            try:
+                event = self._events.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = self._dead_ranks()
+                if dead:
+                    raise WorkerStartupError(f"rank(s) {dead} exited during startup without reporting an error")
+                continue
+            if isinstance(event, WorkerStartupFailed):
+                raise WorkerStartupError(f"rank {event.rank} failed to load the model:\n{event.message}")
+            if isinstance(event, WorkerReady):
+                ready.add(event.rank)
+                logger.debug("rank %d loaded in %.2f s", event.rank, event.load_s)
+
+    def close(self) -> None:
+        """Stop every rank: ask politely, then terminate, then kill. Safe to call twice."""
+        self._stopping.set()
+        if self._processes and self._processes[0].is_alive():
+            self._requests.put(None)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for process in self._processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=2.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=2.0)
+        self._fail_pending(WorkerGroupDied("the worker group was shut down"))
+        self._processes = []
+
+    # requests --------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self.dead_reason is not None or self._stopping.is_set():
+                future.set_exception(WorkerGroupDied(self.dead_reason or "the worker group is stopped"))
+                return future
+            self._pending[request.request_id] = future
+        self._requests.put(request)
+        return future
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    # internals -------------------------------------------------------------------------------
+    def _dead_ranks(self) -> list[int]:
+        return [rank for rank, p in enumerate(self._processes) if not p.is_alive()]
+
+    def _read_events(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                event = self._events.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = self._dead_ranks()
+                if dead and not self._stopping.is_set():
+                    self.dead_reason = f"rank(s) {dead} exited unexpectedly"
+                    logger.error("worker group died: %s", self.dead_reason)
+                    self._fail_pending(WorkerGroupDied(self.dead_reason))
+                    return
+                continue
+            if isinstance(event, (GenerationResult, GenerationFailure)):
+                with self._lock:
+                    future = self._pending.pop(event.request_id, None)
+                if future is not None:
+                    future.set_result(event)
+
+    def _fail_pending(self, error: Exception) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)

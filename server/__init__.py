@@ -1,0 +1,1 @@
+"""HTTP frontend and command-line entry points."""

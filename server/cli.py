@@ -1,0 +1,35 @@
+"""`ditserve` command line: tools around the engine (tiny models, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
+
+
+def _make_tiny(args: argparse.Namespace) -> None:
+    path = write_tiny_model(args.name.removeprefix(TINY_PREFIX), args.directory)
+    print(f"wrote tiny/{args.name.removeprefix(TINY_PREFIX)} to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditserve", description="ditserve tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make_tiny = commands.add_parser("make-tiny", help="write a built-in tiny model as a diffusers folder")
+    make_tiny.add_argument("name", help=f"one of {', '.join(tiny_model_names())} (the tiny/ prefix is optional)")
+    make_tiny.add_argument("directory", help="folder to write (created if missing)")
+    make_tiny.set_defaults(run=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as exc:
+        sys.exit(f"ditserve: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The Omni API on one warm worker: prompts, outputs, seeds, sizes and validation errors."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from engine import Omni, OmniDiffusionSamplingParams
+from tests.conftest import max_pixel_difference
+
+
+@pytest.fixture(scope="module")
+def omni():
+    with Omni(model="tiny/z-image") as instance:
+        yield instance
+
+
+def test_list_of_prompts_gives_one_output_each_in_order(omni):
+    prompts = ["a red fox", {"prompt": "a blue whale", "negative_prompt": "blurry"}, "a green frog"]
+    outputs = omni.generate(prompts, OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64))
+    assert [o.prompt for o in outputs] == ["a red fox", "a blue whale", "a green frog"]
+    assert len({o.request_id for o in outputs}) == 3
+    for output in outputs:
+        uuid.UUID(output.request_id)
+        assert output.images[0].size == (64, 64)
+        assert output.timings["inference_s"] > 0
+
+
+def test_unset_seed_is_chosen_and_reported_so_the_image_can_be_reproduced(omni):
+    params = OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64)
+    first = omni.generate("a lighthouse", params)[0]
+    again = omni.generate("a lighthouse", OmniDiffusionSamplingParams(
+        num_inference_steps=2, height=64, width=64, seed=first.seed))[0]
+    assert max_pixel_difference(first.images[0], again.images[0]) == 0
+
+
+def test_different_seeds_give_different_images(omni):
+    images = [
+        omni.generate("a lighthouse", OmniDiffusionSamplingParams(
+            num_inference_steps=2, height=64, width=64, seed=seed))[0].images[0]
+        for seed in (1, 2)
+    ]
+    assert max_pixel_difference(*images) > 10
+
+
+def test_family_and_tiny_defaults_fill_unset_fields(omni):
+    output = omni.generate("a tiny default", OmniDiffusionSamplingParams(seed=5))[0]
+    assert output.images[0].size == (128, 128)  # tiny/z-image default size
+
+
+@pytest.mark.parametrize("height,width", [(64, 160), (144, 80)])
+def test_asked_size_is_honoured(omni, height, width):
+    output = omni.generate("a wide view", OmniDiffusionSamplingParams(num_inference_steps=1, height=height, width=width))[0]
+    assert output.images[0].size == (width, height)
+
+
+def test_num_outputs_per_prompt(omni):
+    output = omni.generate("twins", OmniDiffusionSamplingParams(
+        num_inference_steps=1, height=64, width=64, num_outputs_per_prompt=3))[0]
+    assert len(output.images) == 3
+    arrays = [np.asarray(image) for image in output.images]
+    assert not np.array_equal(arrays[0], arrays[1])
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        (dict(height=100, width=64), "height=100 is not supported: height and width must be multiples of 16 between 64 and 2048 (for example 96)"),
+        (dict(height=64, width=4096), "width=4096 is not supported: height and width must be multiples of 16 between 64 and 2048 (for example 2048)"),
+        (dict(height=32, width=64), "height=32 is not supported"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_outputs_per_prompt=11), "num_outputs_per_prompt=11 must be between 1 and 10"),
+        (dict(seed=-1), "seed=-1"),
+    ],
+)
+def test_bad_sampling_values_raise_value_error_naming_what_works(omni, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        omni.generate("x", OmniDiffusionSamplingParams(**params))
+
+
+def test_bad_prompts_raise_value_error(omni):
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        omni.generate("   ")
+    with pytest.raises(ValueError, match="generates from text only"):
+        omni.generate({"prompt": "x", "multi_modal_data": {"image": __import__("PIL.Image").Image.new("RGB", (8, 8))}})
+    with pytest.raises(ValueError, match="string 'prompt'"):
+        omni.generate({"text": "x"})
+
+
+def test_worker_still_serves_after_rejected_requests(omni):
+    with pytest.raises(ValueError):
+        omni.generate("x", OmniDiffusionSamplingParams(height=7))
+    assert omni.generate("still here", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0].images

@@ -1,0 +1,25 @@
+"""The offline example script runs end to end and writes the asked image."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+SCRIPT = Path(__file__).parents[2] / "examples" / "offline_inference" / "text_to_image" / "text_to_image.py"
+
+
+def test_example_writes_image_of_asked_size(tmp_path):
+    output = tmp_path / "cat.png"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "tiny/flux", "--prompt", "a cat reading a book",
+         "--tensor-parallel-size", "1", "--height", "80", "--width", "112", "--num-inference-steps", "3",
+         "--seed", "7", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "seed 7" in result.stdout
+    with Image.open(output) as image:
+        assert image.size == (112, 80) and image.format == "PNG"
