@@ -6,7 +6,9 @@ Every layer may read this package; it imports nothing from server/, engine/ or w
 from configs.families import (
     FamilyConfig,
     SamplingDefaults,
+    LayerRule,
     SizeLimits,
+    TensorParallelPlan,
     TinyRecipe,
     family_for_pipeline_class,
     load_family,
@@ -16,7 +18,9 @@ from configs.families import (
 __all__ = [
     "FamilyConfig",
     "SamplingDefaults",
+    "LayerRule",
     "SizeLimits",
+    "TensorParallelPlan",
     "TinyRecipe",
     "family_for_pipeline_class",
     "load_family",

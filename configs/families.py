@@ -51,6 +51,24 @@ class SizeLimits(_Strict):
         return max(self.min, min(self.max, rounded))
 
 
+class LayerRule(_Strict):
+    """Linears whose full name matches `pattern` are split: col (outputs), row (inputs), or
+    packed-row (inputs are cat([per-head part, evenly split part])). `split` says how."""
+
+    pattern: str
+    style: Literal["col", "row", "packed-row"]
+    split: Literal["heads", "even", "heads+even"]
+    optional: bool = False  # the pattern may match nothing (a variant of the family lacks it)
+
+
+class TensorParallelPlan(_Strict):
+    heads_key: str  # transformer config key holding the number of attention heads
+    head_dim_key: str | None = None  # config key holding head_dim ...
+    dim_key: str | None = None  # ... or the model width, head_dim = width / heads
+    attention: list[str]  # attention modules whose `heads` becomes this rank's head count
+    layers: list[LayerRule]
+
+
 class TinyRecipe(_Strict):
     """Numbers of the built-in tiny variant: component configs and sampling overrides."""
 
@@ -69,6 +87,7 @@ class FamilyConfig(_Strict):
     transformer_class: str
     task: Literal["text-to-image", "image-edit"]
     defaults: SamplingDefaults
+    tensor_parallel: TensorParallelPlan
     size: SizeLimits
     tiny: TinyRecipe
 

@@ -1,4 +1,8 @@
-"""Entry point of every rank process: set up the device, load this rank's part, serve commands."""
+"""Entry point of every rank process: set up the device, load this rank's part, serve commands.
+
+Rank 0 (driver) loads the whole diffusers pipeline around its DiT shard and takes requests from
+the engine; ranks 1..N-1 (followers) load only their DiT shard and run what the driver sends.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ import traceback
 import diffusers
 import torch
 import transformers
+from configs import load_family
 
+from workers import forward_broadcast, parallel_state
 from workers.messages import GenerationFailure, WorkerReady, WorkerSpec, WorkerStartupFailed
 from workers.pipeline_runner import PipelineRunner, load_pipeline
+from workers.sharded_loading import load_transformer_shard
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 1.0
+_PING_EVERY_S = 60.0  # well inside parallel_state.COLLECTIVE_TIMEOUT
 
 
 def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | None", events) -> None:
@@ -25,12 +33,26 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
     started = time.perf_counter()
     try:
         _configure_device(rank, spec)
-        runner = PipelineRunner(load_pipeline(spec))
+        parallel_state.initialize(rank, spec.world_size, spec.device_type, spec.master_port)
+        transformer = load_transformer_shard(
+            load_family(spec.family_name), spec.model_path / "transformer", rank, spec.world_size,
+            parallel_state.device(), getattr(torch, spec.dtype),
+        )
+        if rank == 0:
+            if spec.world_size > 1:
+                forward_broadcast.install_driver_hook(transformer)
+            runner = PipelineRunner(load_pipeline(spec, transformer=transformer))
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started))
-    _drive(runner, requests, events)
+    if rank == 0:
+        _drive(runner, requests, events, spec.world_size)
+        if spec.world_size > 1:
+            forward_broadcast.send(forward_broadcast.STOP)
+    else:
+        forward_broadcast.follow(transformer)
+    parallel_state.shutdown()
 
 
 def _configure_device(rank: int, spec: WorkerSpec) -> None:
@@ -47,14 +69,18 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def _drive(runner: PipelineRunner, requests, events) -> None:
+def _drive(runner: PipelineRunner, requests, events, world_size: int) -> None:
     """Driver loop: one request at a time from the engine; None means stop."""
+    last_collective = time.monotonic()
     while True:
         try:
             request = requests.get(timeout=_POLL_S)
         except queue.Empty:
             if not _parent_alive():
                 return
+            if world_size > 1 and time.monotonic() - last_collective > _PING_EVERY_S:
+                forward_broadcast.send(forward_broadcast.PING)
+                last_collective = time.monotonic()
             continue
         if request is None:
             return
@@ -69,3 +95,4 @@ def _drive(runner: PipelineRunner, requests, events) -> None:
                     error_type="server_error",
                 )
             )
+        last_collective = time.monotonic()

@@ -1,0 +1,109 @@
+"""How followers learn what to run: the driver broadcasts every DiT forward call's inputs.
+
+On the driver a forward pre-hook sends (command, argument tree) as one pickled object and each
+tensor with a real broadcast (NCCL or gloo), so followers run the same sharded forward on the
+same inputs. Every decision (next step, stop) is taken on the driver and arrives as a command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workers import parallel_state
+
+FORWARD, PING, STOP = "forward", "ping", "stop"
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _strip_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree)
+        return _TensorSlot(len(tensors) - 1, tuple(tree.shape), tree.dtype)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_strip_tensors(item, tensors) for item in tree)
+    if isinstance(tree, dict):
+        return {key: _strip_tensors(value, tensors) for key, value in tree.items()}
+    return tree
+
+
+def _fill_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(tree, _TensorSlot):
+        return tensors[tree.index]
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill_tensors(item, tensors) for item in tree)
+    if isinstance(tree, dict):
+        return {key: _fill_tensors(value, tensors) for key, value in tree.items()}
+    return tree
+
+
+def _broadcast_tensor(tensor: torch.Tensor) -> None:
+    # gloo has no bool all-reduce/broadcast: move bools as bytes.
+    dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
+
+
+def send(command: str, tree: Any = None) -> None:
+    """Driver side: broadcast a command and its argument tree."""
+    tensors: list[torch.Tensor] = []
+    skeleton = _strip_tensors(tree, tensors)
+    dist.broadcast_object_list([(command, skeleton)], src=0)
+    device = parallel_state.device()
+    for tensor in tensors:
+        _broadcast_tensor(tensor.detach().to(device).contiguous())
+
+
+def receive() -> tuple[str, Any]:
+    """Follower side: the next command and its argument tree, tensors on this rank's device."""
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    command, skeleton = box[0]
+    slots: list[_TensorSlot] = []
+    _strip_slots(skeleton, slots)
+    tensors = []
+    for slot in sorted(slots, key=lambda s: s.index):
+        tensor = torch.empty(slot.shape, dtype=slot.dtype, device=parallel_state.device())
+        _broadcast_tensor(tensor)
+        tensors.append(tensor)
+    return command, _fill_tensors(skeleton, tensors)
+
+
+def _strip_slots(tree: Any, slots: list[_TensorSlot]) -> None:
+    if isinstance(tree, _TensorSlot):
+        slots.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            _strip_slots(item, slots)
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            _strip_slots(value, slots)
+
+
+def install_driver_hook(transformer: nn.Module) -> None:
+    """Make every forward call of the driver's transformer first reach the followers."""
+
+    def broadcast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        send(FORWARD, (args, kwargs))
+
+    transformer.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
+
+
+@torch.inference_mode()
+def follow(transformer: nn.Module) -> None:
+    """Follower loop: run each broadcast forward until the driver says stop."""
+    while True:
+        command, tree = receive()
+        if command == STOP:
+            return
+        if command == FORWARD:
+            args, kwargs = tree
+            transformer(*args, **kwargs)

@@ -1,0 +1,76 @@
+"""The tensor-parallel process group of this rank process, asked for by name from anywhere."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Followers wait in a broadcast while the driver runs text encoders and the VAE; the driver
+# pings when idle (see forward_broadcast), so this only bounds a truly stuck collective.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass
+class _State:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    all_reduce_calls: int = 0
+    all_reduce_bytes: int = 0
+
+
+_state = _State()
+
+
+def initialize(rank: int, world_size: int, device_type: str, master_port: int) -> None:
+    """Join the group (NCCL on CUDA, gloo on CPU) over loopback; a no-op at world size 1."""
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    _state.rank, _state.world_size, _state.device = rank, world_size, device
+    if world_size == 1:
+        return
+    dist.init_process_group(
+        backend="nccl" if device_type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if device_type == "cuda" else None,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    return _state.rank
+
+
+def tp_size() -> int:
+    return _state.world_size
+
+
+def device() -> torch.device:
+    return _state.device
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the group in place (counted, for the benchmarks)."""
+    if _state.world_size == 1:
+        return tensor
+    _state.all_reduce_calls += 1
+    _state.all_reduce_bytes += tensor.numel() * tensor.element_size()
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_counters() -> tuple[int, int]:
+    return _state.all_reduce_calls, _state.all_reduce_bytes
+
+
+def reset_all_reduce_counters() -> None:
+    _state.all_reduce_calls = _state.all_reduce_bytes = 0
