@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass, field
 
 from PIL import Image
-from workers import GenerationFailure, GenerationRequest, OmniDiffusionSamplingParams
+from workers import GROUP_BROKEN, GenerationFailure, GenerationRequest, OmniDiffusionSamplingParams
 
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import WorkerGroup
+from engine.worker_group import WorkerGroup, WorkerGroupDied
 
 
 class GenerationError(RuntimeError):
@@ -61,6 +61,8 @@ class Omni:
     @staticmethod
     def _output(request: GenerationRequest, result, started: float) -> OmniRequestOutput:
         if isinstance(result, GenerationFailure):
+            if result.error_type == GROUP_BROKEN:
+                raise WorkerGroupDied(f"request {request.request_id} failed: a rank of the worker group died ({result.message})")
             raise GenerationError(f"request {request.request_id} failed: {result.message}")
         return OmniRequestOutput(
             request_id=request.request_id,
@@ -69,6 +71,10 @@ class Omni:
             images=result.images,
             timings={"inference_s": result.inference_s, "total_s": time.perf_counter() - started},
         )
+
+    def rank_parameter_bytes(self) -> list[dict[str, int]]:
+        """Per rank, the bytes each loaded component holds (followers: only their DiT shard)."""
+        return [self._group.parameter_bytes[rank] for rank in range(self.parallel_config.tensor_parallel_size)]
 
     def close(self) -> None:
         self._group.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from workers import WorkerSpec
+from workers.tensor_parallel import ShardPlanner
 
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
@@ -24,6 +26,7 @@ class DiffusionParallelConfig:
 
 def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto") -> WorkerSpec:
     """Use CUDA when it has a device per rank, else the CPU with the cores shared between ranks."""
+    check_tensor_parallel_size(model, parallel.tensor_parallel_size)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     world_size = parallel.tensor_parallel_size
@@ -39,3 +42,10 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: 
         master_port=free_port(),
         threads_per_rank=max(1, usable_cores() // world_size),
     )
+
+
+def check_tensor_parallel_size(model: ResolvedModel, world_size: int) -> None:
+    """Fail before any process starts when the heads cannot be split over `world_size` ranks."""
+    transformer_class = getattr(diffusers, model.family.transformer_class)
+    config = transformer_class.load_config(model.path / "transformer")
+    ShardPlanner(model.family.tensor_parallel, config, rank=0, world_size=world_size)

@@ -64,6 +64,7 @@ class WorkerGroup:
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
         self.dead_reason: str | None = None
+        self.parameter_bytes: dict[int, dict[str, int]] = {}  # rank -> component -> bytes
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +105,7 @@ class WorkerGroup:
                 raise WorkerStartupError(f"rank {event.rank} failed to load the model:\n{event.message}")
             if isinstance(event, WorkerReady):
                 ready.add(event.rank)
+                self.parameter_bytes[event.rank] = event.parameter_bytes
                 logger.debug("rank %d loaded in %.2f s", event.rank, event.load_s)
 
     def close(self) -> None:

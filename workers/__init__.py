@@ -1,6 +1,7 @@
 """Rank processes: one per device; rank 0 drives the diffusers pipeline, the others follow."""
 
 from workers.messages import (
+    GROUP_BROKEN,
     GenerationFailure,
     GenerationRequest,
     GenerationResult,
@@ -12,6 +13,7 @@ from workers.messages import (
 )
 
 __all__ = [
+    "GROUP_BROKEN",
     "GenerationFailure",
     "GenerationRequest",
     "GenerationResult",

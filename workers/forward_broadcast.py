@@ -49,14 +49,20 @@ def _fill_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
 
 def _broadcast_tensor(tensor: torch.Tensor) -> None:
     # gloo has no bool all-reduce/broadcast: move bools as bytes.
-    dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
+    with parallel_state.collective():
+        dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
+
+
+def _broadcast_object(box: list) -> None:
+    with parallel_state.collective():
+        dist.broadcast_object_list(box, src=0)
 
 
 def send(command: str, tree: Any = None) -> None:
     """Driver side: broadcast a command and its argument tree."""
     tensors: list[torch.Tensor] = []
     skeleton = _strip_tensors(tree, tensors)
-    dist.broadcast_object_list([(command, skeleton)], src=0)
+    _broadcast_object([(command, skeleton)])
     device = parallel_state.device()
     for tensor in tensors:
         _broadcast_tensor(tensor.detach().to(device).contiguous())
@@ -65,7 +71,7 @@ def send(command: str, tree: Any = None) -> None:
 def receive() -> tuple[str, Any]:
     """Follower side: the next command and its argument tree, tensors on this rank's device."""
     box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)
+    _broadcast_object(box)
     command, skeleton = box[0]
     slots: list[_TensorSlot] = []
     _strip_slots(skeleton, slots)

@@ -66,6 +66,9 @@ class GenerationResult:
     inference_s: float
 
 
+GROUP_BROKEN = "group_broken"  # GenerationFailure.error_type when a peer rank failed
+
+
 @dataclass
 class GenerationFailure:
     request_id: str
@@ -77,6 +80,7 @@ class GenerationFailure:
 class WorkerReady:
     rank: int
     load_s: float
+    parameter_bytes: dict[str, int]  # component name -> bytes of parameters and buffers held
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ class _State:
     device: torch.device = torch.device("cpu")
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
+    broken: bool = False
 
 
 _state = _State()
@@ -64,8 +67,23 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     _state.all_reduce_calls += 1
     _state.all_reduce_bytes += tensor.numel() * tensor.element_size()
-    dist.all_reduce(tensor)
+    with collective():
+        dist.all_reduce(tensor)
     return tensor
+
+
+@contextlib.contextmanager
+def collective() -> Iterator[None]:
+    """Wrap every collective: one that fails (a peer died, a timeout) breaks the whole group."""
+    try:
+        yield
+    except Exception:
+        _state.broken = True
+        raise
+
+
+def group_broken() -> bool:
+    return _state.broken
 
 
 def all_reduce_counters() -> tuple[int, int]:

@@ -18,7 +18,7 @@ import transformers
 from configs import load_family
 
 from workers import forward_broadcast, parallel_state
-from workers.messages import GenerationFailure, WorkerReady, WorkerSpec, WorkerStartupFailed
+from workers.messages import GROUP_BROKEN, GenerationFailure, WorkerReady, WorkerSpec, WorkerStartupFailed
 from workers.pipeline_runner import PipelineRunner, load_pipeline
 from workers.sharded_loading import load_transformer_shard
 
@@ -38,21 +38,31 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
             load_family(spec.family_name), spec.model_path / "transformer", rank, spec.world_size,
             parallel_state.device(), getattr(torch, spec.dtype),
         )
+        components = {"transformer": transformer}
         if rank == 0:
             if spec.world_size > 1:
                 forward_broadcast.install_driver_hook(transformer)
             runner = PipelineRunner(load_pipeline(spec, transformer=transformer))
+            components = runner.pipeline.components
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
-    events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started))
+    events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components)))
     if rank == 0:
         _drive(runner, requests, events, spec.world_size)
-        if spec.world_size > 1:
+        if spec.world_size > 1 and not parallel_state.group_broken():
             forward_broadcast.send(forward_broadcast.STOP)
     else:
         forward_broadcast.follow(transformer)
     parallel_state.shutdown()
+
+
+def _bytes_held(components: dict) -> dict[str, int]:
+    return {
+        name: sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        for name, module in components.items()
+        if isinstance(module, torch.nn.Module)
+    }
 
 
 def _configure_device(rank: int, spec: WorkerSpec) -> None:
@@ -86,13 +96,16 @@ def _drive(runner: PipelineRunner, requests, events, world_size: int) -> None:
             return
         try:
             events.put(runner.run(request))
-        except Exception as exc:  # the request fails, the worker lives on
+        except Exception as exc:
             logger.exception("request %s failed", request.request_id)
+            broken = parallel_state.group_broken()
             events.put(
                 GenerationFailure(
                     request_id=request.request_id,
                     message=f"{type(exc).__name__}: {exc}",
-                    error_type="server_error",
+                    error_type=GROUP_BROKEN if broken else "server_error",
                 )
             )
+            if broken:  # a peer rank is gone: exit so the engine sees the group is dead
+                return
         last_collective = time.monotonic()

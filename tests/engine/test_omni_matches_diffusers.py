@@ -1,4 +1,4 @@
-"""Omni (worker process, engine path) produces the same image as a plain diffusers call."""
+"""Omni at TP=1 and TP=2 (worker processes, engine path) equals a plain diffusers call, same seed."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def reference_image(path, family: str, height: int, width: int):
         return pipeline(**arguments).images[0]
 
 
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_omni_image_equals_plain_diffusers(tiny_dir, family):
+def test_omni_image_equals_plain_diffusers(tiny_dir, family, tensor_parallel_size):
     height, width = 64, 96
     prompt = {"prompt": PROMPT}
     if family == "qwen-image-edit":
         prompt["multi_modal_data"] = {"image": condition_image()}
-    with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tensor_parallel_size=1)) as omni:
+    with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tensor_parallel_size=tensor_parallel_size)) as omni:
         params = OmniDiffusionSamplingParams(num_inference_steps=STEPS, height=height, width=width, seed=SEED)
         output = omni.generate(prompt, params)[0]
     image = output.images[0]

@@ -1,0 +1,76 @@
+"""The TP plan: even splits, exact error wording, and per-rank shards that add up to the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from configs import load_family
+from engine import resolve_model
+from engine.memory_report import memory_report
+from tests.conftest import FAMILIES
+from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from workers.sharded_loading import build_meta_transformer, load_transformer_shard
+from workers.tensor_parallel import apply_plan, even_partition
+
+
+def test_even_partition_gives_larger_parts_first():
+    assert even_partition(30, 4, "heads") == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert even_partition(10240, 4, "ffn") == [(0, 2560), (2560, 5120), (5120, 7680), (7680, 10240)]
+
+
+def test_impossible_split_names_dimension_size_request_and_what_works():
+    with pytest.raises(ValueError) as error:
+        even_partition(6, 8, "n_heads (attention heads)")
+    assert str(error.value) == (
+        "cannot split n_heads (attention heads)=6 over tensor_parallel_size=8: every rank needs at "
+        "least one; tensor-parallel sizes that work: 1 to 6"
+    )
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen-image-edit"])
+def test_every_planned_layer_is_replaced_and_attention_heads_become_local(family, tiny_dir):
+    config = load_family(family)
+    model = build_meta_transformer(config, tiny_dir(family) / "transformer")
+    heads = model.config[config.tensor_parallel.heads_key]
+    apply_plan(model, config.tensor_parallel, rank=1, world_size=2)
+    attention = [m for m in model.modules() if hasattr(m, "heads") and hasattr(m, "to_q")]
+    assert attention and {m.heads for m in attention} == {heads // 2}
+    for module in attention:
+        assert isinstance(module.to_q, ColumnParallelLinear)
+        assert module.to_q.weight.tp_slices[1] == [(module.to_q.out_features, 2 * module.to_q.out_features)]
+    rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
+    assert len(rows) >= len(attention)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen-image-edit"])
+def test_rank_shards_hold_at_most_half_the_sharded_part_at_tp2(family, tiny_dir):
+    config = load_family(family)
+    path = tiny_dir(family) / "transformer"
+    full = build_meta_transformer(config, path)
+    apply_plan(full, config.tensor_parallel, rank=0, world_size=1)
+    sharded_total = sum(p.numel() for p in full.parameters() if getattr(p, "tp_slices", None))
+    everything = sum(p.numel() for p in full.parameters())
+    replicated = everything - sharded_total
+    shard_sizes = []
+    for rank in range(2):
+        shard = load_transformer_shard(config, path, rank, 2, torch.device("cpu"), torch.float32)
+        shard_sizes.append(sum(p.numel() for p in shard.parameters()))
+        assert shard_sizes[-1] <= 0.5 * sharded_total + replicated
+    assert sum(shard_sizes) == sharded_total + 2 * replicated
+
+
+def test_memory_report_for_a_full_size_config_without_weights(tmp_path):
+    """The real Z-Image-Turbo DiT (its config is the class defaults): 30 heads over 4 ranks, 8/8/7/7."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"]}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel"}))
+    ranks = memory_report(resolve_model(str(tmp_path)), 4, torch.bfloat16)
+    total_dit = sum(r.dit_sharded for r in ranks) + ranks[0].dit_replicated
+    assert 11e9 < total_dit < 13.5e9  # ~6.15B parameters in bf16
+    assert ranks[0].dit_sharded == ranks[1].dit_sharded > ranks[2].dit_sharded == ranks[3].dit_sharded
+    assert len({r.dit_replicated for r in ranks}) == 1
+    assert all(r.text_encoders == r.vae == 0 for r in ranks[1:])
