@@ -25,7 +25,7 @@ from workers import parallel_state
 from workers.sharded_loading import load_transformer_shard
 
 MEDIUM_Z_IMAGE = dict(
-    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=768, n_layers=9, n_refiner_layers=2,
+    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=768, n_layers=7, n_refiner_layers=2,
     n_heads=12, n_kv_heads=12, cap_feat_dim=768, axes_dims=[16, 24, 24], axes_lens=[1024, 512, 512],
 )
 IMAGE_SIDE, CAPTION_TOKENS = 512, 64
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         directory = Path(folder)
         parameters = write_medium_model(directory)
-        print(f"Z-Image-shaped DiT, {parameters / 1e6:.1f}M parameters, {IMAGE_SIDE}x{IMAGE_SIDE}, fp32, CPU/gloo")
+        print(f"Z-Image-shaped DiT, {parameters / 1e6:.1f}M parameters, {IMAGE_SIDE}x{IMAGE_SIDE}, fp32, CPU, shared-memory all-reduce")
         rows = []
         for label, world_size, threads in (
             ("TP=1, 1 thread", 1, 1), ("TP=1, 2 threads", 1, 2), ("TP=2, 1 thread/rank", 2, 1),

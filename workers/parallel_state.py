@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from workers.shm_all_reduce import SharedMemoryAllReduce
 
 # Followers wait in a broadcast while the driver runs text encoders and the VAE; the driver
 # pings when idle (see forward_broadcast), so this only bounds a truly stuck collective.
@@ -23,6 +26,7 @@ class _State:
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
     broken: bool = False
+    shm_all_reduce: "SharedMemoryAllReduce | None" = None
 
 
 _state = _State()
@@ -42,6 +46,10 @@ def initialize(rank: int, world_size: int, device_type: str, master_port: int) -
         timeout=COLLECTIVE_TIMEOUT,
         device_id=device if device_type == "cuda" else None,
     )
+    if device_type == "cpu" and SharedMemoryAllReduce.supported():
+        _state.shm_all_reduce = SharedMemoryAllReduce(
+            rank, world_size, f"ditserve-{os.getppid()}-{master_port}", COLLECTIVE_TIMEOUT.total_seconds()
+        )
 
 
 def shutdown() -> None:
@@ -68,7 +76,10 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     _state.all_reduce_calls += 1
     _state.all_reduce_bytes += tensor.numel() * tensor.element_size()
     with collective():
-        dist.all_reduce(tensor)
+        if _state.shm_all_reduce is not None:
+            _state.shm_all_reduce(tensor)
+        else:
+            dist.all_reduce(tensor)
     return tensor
 
 
