@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	$(BIN)/python examples/offline_inference/text_to_image/text_to_image.py --model $(MODEL) --tensor-parallel-size $(TP) --output output.png
+	$(BIN)/serve $(MODEL) --omni --port $(PORT) --tensor-parallel-size $(TP)
 
 test: install
 	$(BIN)/python -m pytest -q tests

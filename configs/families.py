@@ -36,15 +36,13 @@ class SizeLimits(_Strict):
     min: int
     max: int
 
-    def check(self, height: int, width: int) -> None:
-        """Raise ValueError naming the sizes that work when height x width is not one of them."""
-        for name, value in (("height", height), ("width", width)):
-            if value % self.multiple_of or not self.min <= value <= self.max:
-                raise ValueError(
-                    f"{name}={value} is not supported: height and width must be multiples of "
-                    f"{self.multiple_of} between {self.min} and {self.max} (for example "
-                    f"{self.nearest(value)})"
-                )
+    def check_side(self, name: str, value: int) -> None:
+        """Raise ValueError naming the sizes that work when `value` is not one of them."""
+        if value % self.multiple_of or not self.min <= value <= self.max:
+            raise ValueError(
+                f"{name}={value} is not supported: height and width must be multiples of "
+                f"{self.multiple_of} between {self.min} and {self.max} (for example {self.nearest(value)})"
+            )
 
     def nearest(self, value: int) -> int:
         rounded = round(value / self.multiple_of) * self.multiple_of

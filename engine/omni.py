@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
-from PIL import Image
-from workers import GROUP_BROKEN, GenerationFailure, GenerationRequest, OmniDiffusionSamplingParams
+from workers import OmniDiffusionSamplingParams
 
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import WorkerGroup, WorkerGroupDied
-
-
-class GenerationError(RuntimeError):
-    """The worker could not produce an image for a request."""
-
-
-@dataclass
-class OmniRequestOutput:
-    request_id: str
-    prompt: str
-    seed: int
-    images: list[Image.Image]
-    timings: dict[str, float] = field(default_factory=dict)
+from engine.outputs import OmniRequestOutput, output_from_result
+from engine.worker_group import WorkerGroup
 
 
 class Omni:
@@ -56,21 +42,7 @@ class Omni:
         requests = [build_request(self.model, PromptInput.from_user(item), params) for item in items]
         started = time.perf_counter()
         futures = [self._group.submit(request) for request in requests]
-        return [self._output(request, future.result(), started) for request, future in zip(requests, futures)]
-
-    @staticmethod
-    def _output(request: GenerationRequest, result, started: float) -> OmniRequestOutput:
-        if isinstance(result, GenerationFailure):
-            if result.error_type == GROUP_BROKEN:
-                raise WorkerGroupDied(f"request {request.request_id} failed: a rank of the worker group died ({result.message})")
-            raise GenerationError(f"request {request.request_id} failed: {result.message}")
-        return OmniRequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            seed=result.seed,
-            images=result.images,
-            timings={"inference_s": result.inference_s, "total_s": time.perf_counter() - started},
-        )
+        return [output_from_result(r, f.result(), started) for r, f in zip(requests, futures)]
 
     def rank_parameter_bytes(self) -> list[dict[str, int]]:
         """Per rank, the bytes each loaded component holds (followers: only their DiT shard)."""

@@ -11,6 +11,14 @@ from workers import GenerationRequest, OmniDiffusionSamplingParams
 
 from engine.model_resolver import ResolvedModel
 
+class InvalidRequestError(ValueError):
+    """A request value that cannot work; `param` names it for API error bodies."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 MAX_OUTPUTS_PER_PROMPT = 10
 MAX_INFERENCE_STEPS = 200
 MAX_SEED = 2**63 - 1
@@ -47,29 +55,40 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
     defaults = model.defaults
     family = model.family
     if not prompt.prompt.strip():
-        raise ValueError("prompt must not be empty")
+        raise InvalidRequestError("prompt must not be empty", "prompt")
     if family.is_edit and not prompt.images:
-        raise ValueError(f"model {model.name!r} edits images: pass an input image (multi_modal_data={{'image': ...}})")
+        raise InvalidRequestError(
+            f"model {model.name!r} edits images: pass an input image (multi_modal_data={{'image': ...}})", "image"
+        )
     if not family.is_edit and prompt.images:
-        raise ValueError(f"model {model.name!r} generates from text only and does not take input images")
+        raise InvalidRequestError(
+            f"model {model.name!r} generates from text only and does not take input images", "image"
+        )
 
     steps = _first_set(params.num_inference_steps, defaults.num_inference_steps)
     if not 1 <= steps <= MAX_INFERENCE_STEPS:
-        raise ValueError(f"num_inference_steps={steps} must be between 1 and {MAX_INFERENCE_STEPS}")
+        raise InvalidRequestError(
+            f"num_inference_steps={steps} must be between 1 and {MAX_INFERENCE_STEPS}", "num_inference_steps"
+        )
     if not 1 <= params.num_outputs_per_prompt <= MAX_OUTPUTS_PER_PROMPT:
-        raise ValueError(
-            f"num_outputs_per_prompt={params.num_outputs_per_prompt} must be between 1 and {MAX_OUTPUTS_PER_PROMPT}"
+        raise InvalidRequestError(
+            f"num_outputs_per_prompt={params.num_outputs_per_prompt} must be between 1 and {MAX_OUTPUTS_PER_PROMPT}",
+            "num_outputs_per_prompt",
         )
     seed = new_seed() if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} must be between 0 and {MAX_SEED}")
+        raise InvalidRequestError(f"seed={seed} must be between 0 and {MAX_SEED}", "seed")
 
     height = _first_set(params.height, defaults.height)
     width = _first_set(params.width, defaults.width)
     if (height is None) != (width is None):  # one side given, no default: square
         height = width = _first_set(height, width)
-    if height is not None:
-        family.size.check(height, width)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            try:
+                family.size.check_side(name, value)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), name) from None
 
     return GenerationRequest(
         request_id=str(uuid.uuid4()),

@@ -162,7 +162,7 @@ class WorkerGroup:
             if isinstance(event, (GenerationResult, GenerationFailure)):
                 with self._lock:
                     future = self._pending.pop(event.request_id, None)
-                if future is not None:
+                if future is not None and not future.done():  # done: cancelled by its caller
                     future.set_result(event)
 
     def _fail_pending(self, error: Exception) -> None:

@@ -1,12 +1,20 @@
-"""`ditserve` command line: tools around the engine (tiny models, ...)."""
+"""Command lines: `serve` (the HTTP server) and `ditserve` (tiny models, memory report)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import os
 import sys
 
+import pydantic
 import torch
-from engine import resolve_model
+import uvicorn
+from configs import SamplingDefaults
+from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
+from engine.parallel_config import DTYPES
 from engine.memory_report import format_report, memory_report
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
 
@@ -45,6 +53,90 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except ValueError as exc:
         sys.exit(f"ditserve: error: {exc}")
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve", description="Serve a diffusion model behind the OpenAI Images API."
+    )
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"tiny/<family>, a local diffusers folder, or a Hugging Face hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--omni", action="store_true", help="accepted for compatibility with vLLM-Omni; no effect")
+    parser.add_argument("--host", default=os.environ.get("DITSERVE_HOST", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1, env DITSERVE_HOST)")
+    parser.add_argument("--port", type=int, default=8091, help="default 8091")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="rank processes the DiT is split over, one per GPU (default 1)")
+    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the model argument)")
+    parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-queue-size", type=int, default=64,
+                        help="requests admitted at once; more get 429 with Retry-After (default 64)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds before a request is answered 504 (default: no limit)")
+    parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
+                        help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
+    parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,
+                        help="largest accepted image upload, per file (default 20 MiB); larger get 413")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="default info: one line per request")
+    return parser
+
+
+def _sampling_overrides(text: str | None) -> SamplingDefaults:
+    if not text:
+        return SamplingDefaults()
+    try:
+        return SamplingDefaults.model_validate(json.loads(text))
+    except (json.JSONDecodeError, pydantic.ValidationError) as exc:
+        fields = ", ".join(SamplingDefaults.model_fields)
+        raise SystemExit(f"serve: error: --default-sampling-params must be a JSON object with fields {fields}: {exc}")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would die
+    of the signal; a server that shut down cleanly should exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    args = build_serve_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        parallel = DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+        resolve_model(args.model)  # a bad name fails here, before anything starts
+    except ValueError as exc:
+        raise SystemExit(f"serve: error: {exc}")
+    engine = AsyncEngine(EngineConfig(
+        model=args.model,
+        parallel=parallel,
+        dtype=args.dtype,
+        default_overrides=_sampling_overrides(args.default_sampling_params),
+        max_queue_size=args.max_queue_size,
+        request_timeout_s=args.request_timeout,
+    ))
+    settings = ServerSettings(
+        model=args.model,
+        served_model_name=args.served_model_name or args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_upload_bytes=args.max_upload_bytes,
+        log_level=args.log_level,
+    )
+    app = create_app(engine, settings)
+    _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    if engine.state is EngineState.FAILED:
+        raise SystemExit(f"serve: error: {engine.failure}")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,21 @@ def test_example_writes_image_of_asked_size(tmp_path):
     assert "seed 7" in result.stdout
     with Image.open(output) as image:
         assert image.size == (112, 80) and image.format == "PNG"
+
+
+EDIT_SCRIPT = Path(__file__).parents[2] / "examples" / "offline_inference" / "image_to_image" / "image_edit.py"
+
+
+def test_edit_example_writes_edited_image(tmp_path):
+    source, output = tmp_path / "input.png", tmp_path / "edited.png"
+    Image.new("RGB", (40, 40), (10, 200, 90)).save(source)
+    result = subprocess.run(
+        [sys.executable, str(EDIT_SCRIPT), "--model", "tiny/qwen-image-edit", "--image", str(source),
+         "--prompt", "make it purple", "--tensor-parallel-size", "2", "--height", "64", "--width", "80",
+         "--num-inference-steps", "2", "--seed", "4", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "seed 4" in result.stdout
+    with Image.open(output) as image:
+        assert image.size == (80, 64) and image.format == "PNG"

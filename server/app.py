@@ -1,0 +1,96 @@
+"""The FastAPI application: engine lifecycle, auth, request ids, and the small info routes."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import time
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+from engine import AsyncEngine
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import APIError, install_error_handlers
+from server.image_store import ImageStore
+from server.images_api import images_router
+from server.settings import ServerSettings
+
+logger = logging.getLogger("ditserve")
+
+
+def package_version() -> str:
+    try:
+        return version("ditserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
+    if engine.healthy:
+        logger.info("ditserve ready: serving %s at http://%s:%d (tensor_parallel_size=%d)", settings.served_model_name,
+                    settings.host, settings.port, engine.config.parallel.tensor_parallel_size)
+    else:  # a server that cannot serve should exit, so a supervisor can see and restart it
+        logger.error("ditserve could not load %s; shutting down", settings.model)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start_loading(on_done=lambda: _report_loaded(engine, settings))
+        yield
+        engine.close()
+
+    app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
+    install_error_handlers(app)
+    started = int(time.time())
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        request.state.request_id = str(uuid.uuid4())
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.healthy:
+            return JSONResponse({"status": "ok", "model": settings.served_model_name})
+        return JSONResponse({"status": engine.state.value, "detail": engine.not_ready_reason()}, status_code=503)
+
+    @app.get("/version")
+    async def get_version() -> dict:
+        return {"version": package_version()}
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": settings.served_model_name, "object": "model", "created": started, "owned_by": "ditserve"}],
+        }
+
+    store = ImageStore(ttl_s=settings.url_ttl_s)
+    app.include_router(images_router(engine, settings, store), dependencies=[Depends(require_api_key)])
+
+    @app.get("/files/images/{token}", include_in_schema=False)
+    async def image_file(token: str) -> Response:
+        """Images of `response_format=url`: the unguessable token is the credential."""
+        entry = store.get(token)
+        if entry is None:
+            raise APIError(404, "image not found or expired", "token", "image_not_found")
+        data, media_type = entry
+        return Response(data, media_type=media_type)
+
+    return app

@@ -1,0 +1,193 @@
+"""POST /v1/images/generations and /v1/images/edits: parse, validate, run, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import pydantic
+from engine import (
+    AsyncEngine,
+    EngineNotReady,
+    GenerationError,
+    InvalidRequestError,
+    OmniDiffusionSamplingParams,
+    OmniRequestOutput,
+    PromptInput,
+    QueueFull,
+    WorkerGroupDied,
+)
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from server.errors import APIError, invalid
+from server.image_codec import MEDIA_TYPES, decode_upload, encode
+from server.image_store import ImageStore
+from server.schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, validation_error
+from server.settings import ServerSettings
+
+logger = logging.getLogger("ditserve.requests")
+
+# Engine parameter names as the API knows them.
+_API_PARAM = {"height": "size", "width": "size", "num_outputs_per_prompt": "n"}
+
+
+def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageStore) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/images/generations")
+    async def generations(request: Request) -> dict:
+        body = await _json_body(request)
+        try:
+            api_request = ImageGenerationRequest.model_validate(body)
+        except pydantic.ValidationError as error:
+            raise validation_error(error) from None
+        _check_model_and_task(api_request, engine, settings, edit=False)
+        prompt = PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt)
+        outputs = [await _generate(engine, prompt, api_request)]
+        return await _response(request, api_request, outputs, store)
+
+    @router.post("/v1/images/edits")
+    async def edits(request: Request) -> dict:
+        fields, images, mask = await _multipart(request, settings.max_upload_bytes)
+        try:
+            api_request = ImageEditRequest.model_validate(fields)
+        except pydantic.ValidationError as error:
+            raise validation_error(error) from None
+        _check_model_and_task(api_request, engine, settings, edit=True)
+        if mask is not None:
+            raise invalid(
+                f"mask is not supported by model {settings.served_model_name!r}: it edits the whole image",
+                "mask", "unsupported_parameter",
+            )
+        # Each input image is edited on its own with the same prompt: n outputs per image.
+        prompts = [
+            PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt, images=[image])
+            for image in images
+        ]
+        outputs = await asyncio.gather(*(_generate(engine, prompt, api_request) for prompt in prompts))
+        return await _response(request, api_request, list(outputs), store)
+
+    return router
+
+
+async def _json_body(request: Request) -> dict:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("application/json"):
+        raise APIError(415, f"content-type must be application/json, got {content_type or 'none'!r}", code="unsupported_media_type")
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def _multipart(request: Request, max_bytes: int):
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise APIError(415, f"content-type must be multipart/form-data, got {content_type or 'none'!r}", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes * 4:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes * 4} bytes", code="request_too_large")
+    try:
+        form = await request.form(max_files=16, max_fields=64)
+    except Exception as exc:
+        raise invalid(f"could not parse the multipart body: {exc}", code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    images, mask = [], None
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read(max_bytes + 1)
+            if name in ("image", "image[]"):
+                images.append(await run_in_threadpool(decode_upload, data, name, max_bytes))
+            elif name == "mask":
+                mask = await run_in_threadpool(decode_upload, data, "mask", max_bytes)
+            else:
+                raise invalid(f"unexpected file field {name!r}; send image, image[] or mask", name, "unknown_parameter")
+        elif name in fields:
+            raise invalid(f"{name} given more than once", name)
+        else:
+            fields[name] = value
+    if not images:
+        raise invalid("image is required: send one file as 'image' or several as 'image[]'", "image", "missing_required_parameter")
+    return fields, images, mask
+
+
+def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settings: ServerSettings, edit: bool) -> None:
+    if api_request.model is not None and api_request.model not in settings.model_names:
+        raise APIError(
+            404, f"model {api_request.model!r} is not served here; available: {settings.served_model_name!r}",
+            "model", "model_not_found",
+        )
+    api_request.requested_size()
+    api_request.check_supported()
+    if engine.model is not None and engine.model.family.is_edit != edit:
+        endpoint = "/v1/images/edits" if engine.model.family.is_edit else "/v1/images/generations"
+        kind = "edits images" if engine.model.family.is_edit else "generates images from text"
+        raise invalid(f"model {settings.served_model_name!r} {kind}: use POST {endpoint}", "model", "unsupported_endpoint")
+
+
+async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: ImageRequest) -> OmniRequestOutput:
+    height, width = api_request.requested_size()
+    params = OmniDiffusionSamplingParams(
+        num_inference_steps=api_request.num_inference_steps,
+        guidance_scale=api_request.guidance_scale,
+        true_cfg_scale=api_request.true_cfg_scale,
+        height=height,
+        width=width,
+        seed=api_request.seed,
+        num_outputs_per_prompt=api_request.n,
+    )
+    started = time.perf_counter()
+    status = "error"
+    try:
+        output = await engine.generate(prompt, params)
+        status = "ok"
+        return output
+    except InvalidRequestError as exc:
+        raise invalid(str(exc), _API_PARAM.get(exc.param, exc.param)) from None
+    except EngineNotReady as exc:
+        raise APIError(503, str(exc), code="model_not_ready", retryable=True, headers={"retry-after": "5"}) from None
+    except QueueFull as exc:
+        raise APIError(429, str(exc), code="queue_full", retryable=True, headers={"retry-after": "1"}) from None
+    except asyncio.TimeoutError:
+        raise APIError(504, "the request did not finish within the server's request timeout", code="timeout") from None
+    except WorkerGroupDied as exc:
+        raise APIError(503, str(exc), code="worker_died", retryable=True) from None
+    except GenerationError as exc:
+        raise APIError(500, str(exc), code="generation_failed") from None
+    finally:
+        logger.info(
+            "size=%s steps=%s n=%d status=%s time=%.2fs", api_request.size, api_request.num_inference_steps,
+            api_request.n, status, time.perf_counter() - started,
+        )
+
+
+async def _response(request: Request, api_request: ImageRequest, outputs: list[OmniRequestOutput], store: ImageStore) -> dict:
+    fmt = api_request.output_format
+    data = []
+    for output in outputs:
+        for image in output.images:
+            encoded = await run_in_threadpool(encode, image, fmt, api_request.output_compression)
+            if api_request.response_format == "url":
+                token = store.put(encoded, MEDIA_TYPES[fmt])
+                item = {"url": str(request.url_for("image_file", token=token))}  # route in server.app
+            else:
+                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
+            data.append({**item, "revised_prompt": None, "seed": output.seed})
+    first = outputs[0].images[0]
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": fmt,
+        "size": f"{first.width}x{first.height}",
+        "quality": api_request.quality or "auto",
+        "background": "opaque",
+        "seed": outputs[0].seed,
+    }

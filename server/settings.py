@@ -1,0 +1,21 @@
+"""Everything the `serve` command line configures, in one typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8091
+    api_key: str | None = None
+    max_upload_bytes: int = 20 * 2**20
+    url_ttl_s: float = 3600.0
+    log_level: str = "info"
+
+    @property
+    def model_names(self) -> set[str]:
+        return {self.served_model_name, self.model}

@@ -1,0 +1,62 @@
+"""The `serve` process itself: tensor parallelism end to end, API keys, and failing fast on a bad model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.server.conftest import SERVE, ServerProcess
+
+API_KEY = "sk-test-7f3a9c"
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tmp_path):
+    request = dict(prompt="a red fox in snow", size="64x64", extra_body={"seed": 11, "num_inference_steps": 3})
+    expected = pixels(z_image_server.client().images.generate(**request).data[0].b64_json)
+    server = ServerProcess(["tiny/z-image", "--tensor-parallel-size", "2"]).start(tmp_path / "serve.log")
+    try:
+        result = server.client().images.generate(**request)
+        assert "tensor_parallel_size=2" in server.log()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    assert np.abs(pixels(result.data[0].b64_json) - expected).max() <= 1
+
+
+def test_api_key_guards_v1_routes_only(tmp_path):
+    server = ServerProcess(["tiny/z-image", "--log-level", "debug"], env={"DITSERVE_API_KEY": API_KEY})
+    server.start(tmp_path / "serve.log")
+    try:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY}):
+            response = httpx.get(f"{server.url}/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").images.generate(prompt="a cat", size="64x64")
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        good = server.client(api_key=API_KEY).images.generate(
+            prompt="a cat", size="64x64", extra_body={"num_inference_steps": 1})
+        assert len(good.data) == 1
+    finally:
+        server.stop()
+    assert API_KEY not in server.log()
+
+
+def test_bad_model_exits_nonzero_quickly_with_the_reason():
+    started = time.monotonic()
+    done = subprocess.run([SERVE, "tiny/no-such-family", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "tiny/no-such-family" in done.stderr and "tiny/z-image" in done.stderr
+    assert time.monotonic() - started < 30
