@@ -1,12 +1,15 @@
-"""AsyncEngine: the online engine behind the HTTP server.
+"""AsyncEngine: the online engine behind the HTTP server: admission, batching, cancellation, recovery.
 
-Loading runs in a background thread so the server can answer /health while it happens;
-`generate` awaits the worker group's Future without ever blocking the event loop.
+Requests wait in one bounded queue. A single scheduler task (on the server's event loop) takes the
+next batch (engine.batching), hands it to the worker group and waits for it, so at most one batch
+is on the ranks at a time and every decision about the queue is taken here. Loading, warm-up and
+restarts run in threads so the server keeps answering /health meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -15,10 +18,13 @@ import time
 from collections.abc import Callable
 
 from configs import SamplingDefaults
-from workers import OmniDiffusionSamplingParams
+from PIL import Image
+from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult, OmniDiffusionSamplingParams
 
+from engine.batching import take_batch
+from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
-from engine.outputs import OmniRequestOutput, output_from_result
+from engine.outputs import GenerationError, OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import WorkerGroup
@@ -29,16 +35,17 @@ logger = logging.getLogger(__name__)
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
+    RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
 
 
 class EngineNotReady(RuntimeError):
-    """The model is still loading, failed to load, or the engine was stopped."""
+    """The model is loading or restarting, failed to load, or the engine was stopped."""
 
 
 class QueueFull(RuntimeError):
-    """More requests are waiting than the engine admits."""
+    """More requests are admitted than the engine allows."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,86 +54,206 @@ class EngineConfig:
     parallel: DiffusionParallelConfig = DiffusionParallelConfig()
     dtype: str = "auto"
     default_overrides: SamplingDefaults = SamplingDefaults()
-    max_queue_size: int = 64
+    max_queue_size: int = 64  # requests waiting or running
+    max_batch_size: int = 8  # images per pipeline call
     request_timeout_s: float | None = None
+    warm_up: bool = True
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future
+    submitted: float
+    started: float | None = None
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.state = EngineState.LOADING
         self.failure: str | None = None
         self.model: ResolvedModel | None = None
         self._group: WorkerGroup | None = None
-        self._in_flight = 0
-        self._stop_lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._running: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._lock = threading.Lock()
+        self._task: asyncio.Task | None = None
+        self.metrics.queue_depth.set_function(lambda: len(self._waiting))
+        self.metrics.running.set_function(lambda: len(self._running))
 
-    def load(self, on_done: Callable[[], None] | None = None) -> None:
-        """Resolve the model and start the workers (blocking; run it in a thread), then call on_done."""
-        try:
-            self._load()
-        finally:
-            if on_done is not None:
-                on_done()
+    # lifecycle -------------------------------------------------------------------------------
+    async def start(self, on_loaded: Callable[[], None] | None = None) -> None:
+        """Begin loading in the background and schedule once loaded; on_loaded runs after the load."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._serve(on_loaded), name="ditserve-scheduler")
 
-    def _load(self) -> None:
-        try:
-            model = resolve_model(self.config.model)
-            model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
-            group = WorkerGroup(worker_spec(model, self.config.parallel, self.config.dtype))
-            group.start()
-        except Exception as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self.state = EngineState.FAILED
-            logger.error("loading %s failed: %s", self.config.model, self.failure)
-            return
-        with self._stop_lock:
-            if self.state is EngineState.STOPPED:  # stopped while loading
-                group.close()
-                return
-            self.model, self._group, self.state = model, group, EngineState.READY
-
-    def start_loading(self, on_done: Callable[[], None] | None = None) -> threading.Thread:
-        thread = threading.Thread(target=self.load, args=(on_done,), name="ditserve-load", daemon=True)
-        thread.start()
-        return thread
+    async def shutdown(self) -> None:
+        """Stop admitting, fail what is left, stop every rank."""
+        with self._lock:
+            self.state = EngineState.STOPPED
+            group, self._group = self._group, None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_all(EngineNotReady("the server is shutting down"))
+        if group is not None:
+            await asyncio.to_thread(group.close)
 
     @property
     def healthy(self) -> bool:
         return self.state is EngineState.READY and self._group is not None and self._group.dead_reason is None
-
-    @property
-    def queue_depth(self) -> int:
-        return self._in_flight
-
-    async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
-        """Raises InvalidRequestError, EngineNotReady, QueueFull, TimeoutError, GenerationError, WorkerGroupDied."""
-        if not self.healthy:
-            raise EngineNotReady(self.not_ready_reason())
-        request = build_request(self.model, prompt, params)
-        if self._in_flight >= self.config.max_queue_size:
-            raise QueueFull(f"{self._in_flight} requests are already queued (max_queue_size={self.config.max_queue_size})")
-        started = time.perf_counter()
-        self._in_flight += 1
-        try:
-            future = asyncio.wrap_future(self._group.submit(request))
-            result = await asyncio.wait_for(future, timeout=self.config.request_timeout_s)
-        finally:
-            self._in_flight -= 1
-        return output_from_result(request, result, started)
 
     def not_ready_reason(self) -> str:
         if self.state is EngineState.LOADING:
             return f"model {self.config.model!r} is still loading"
         if self.state is EngineState.FAILED:
             return f"model {self.config.model!r} failed to load: {self.failure}"
-        if self._group is not None and self._group.dead_reason:
-            return f"the worker group is down: {self._group.dead_reason}"
+        if self.state is EngineState.RESTARTING or (self._group is not None and self._group.dead_reason):
+            return "the worker group is restarting after a rank died"
         return "the engine is stopped"
 
-    def close(self) -> None:
-        with self._stop_lock:
-            self.state = EngineState.STOPPED
-            group, self._group = self._group, None
-        if group is not None:
+    @property
+    def pids(self) -> list[int]:
+        return self._group.pids if self._group is not None else []
+
+    # requests --------------------------------------------------------------------------------
+    async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
+        """Raises InvalidRequestError, EngineNotReady, QueueFull, TimeoutError, GenerationError, WorkerGroupDied.
+
+        Cancelling the awaiting task (a client that went away) or the timeout stops the request at
+        its next denoising step.
+        """
+        if not self.healthy:
+            raise EngineNotReady(self.not_ready_reason())
+        request = build_request(self.model, prompt, params)
+        admitted = len(self._waiting) + len(self._running)
+        if admitted >= self.config.max_queue_size:
+            raise QueueFull(f"{admitted} requests are already admitted (max_queue_size={self.config.max_queue_size})")
+        pending = _Pending(request, self._loop.create_future(), time.perf_counter())
+        self._waiting.append(pending)
+        self._wake.set()
+        try:
+            result = await asyncio.wait_for(pending.future, timeout=self.config.request_timeout_s)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            self._cancel(pending)
+            raise
+        return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
+
+    def _cancel(self, pending: _Pending) -> None:
+        self.metrics.cancelled.inc()
+        if pending in self._waiting:
+            self._waiting.remove(pending)
+        elif pending in self._running and self._group is not None:
+            self._group.cancel(pending.request.request_id)
+
+    # scheduling ------------------------------------------------------------------------------
+    async def _serve(self, on_loaded: Callable[[], None] | None) -> None:
+        try:
+            await asyncio.to_thread(self._start_group)
+            self.state = EngineState.READY
+        except Exception as exc:
+            if self.state is not EngineState.STOPPED:
+                self.failure, self.state = f"{type(exc).__name__}: {exc}", EngineState.FAILED
+                logger.error("loading %s failed: %s", self.config.model, self.failure)
+        finally:
+            if on_loaded is not None:
+                on_loaded()
+        while self.state is EngineState.READY:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting and self.healthy:
+                await self._run_batch(take_batch(self._waiting, self.config.max_batch_size))
+            if self._group is not None and self._group.dead_reason is not None:
+                await self._restart()
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        now = time.perf_counter()
+        self._waiting = [p for p in self._waiting if p not in batch]
+        self._running = batch
+        for pending in batch:
+            pending.started = now
+            self.metrics.queue_seconds.observe(now - pending.submitted)
+        futures = self._group.submit(GenerationBatch([p.request for p in batch]))
+        try:
+            results = await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
+        finally:
+            self._running = []
+        for pending, result in zip(batch, results):
+            if not pending.future.done():  # done: cancelled by its caller
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+        self._observe(results)
+
+    def _observe(self, results: list) -> None:
+        done = [r for r in results if isinstance(r, GenerationResult)]
+        if done:
+            self.metrics.batch_images.observe(done[0].batch_images)
+            for seconds in done[0].step_s:
+                self.metrics.step_seconds.observe(seconds)
+            self.metrics.images.inc(sum(len(r.images) for r in done))
+
+    async def _restart(self) -> None:
+        old, reason = self._group, self._group.dead_reason
+        self.state = EngineState.RESTARTING
+        self.metrics.worker_restarts.inc()
+        logger.warning("restarting the worker group: %s", reason)
+        await asyncio.to_thread(old.close)
+        try:
+            await asyncio.to_thread(self._start_group)
+        except Exception as exc:
+            if self.state is not EngineState.STOPPED:
+                self.failure, self.state = f"restart failed: {type(exc).__name__}: {exc}", EngineState.FAILED
+                logger.error("%s", self.failure)
+                self._fail_all(EngineNotReady(self.not_ready_reason()))
+            return
+        self.state = EngineState.READY
+        self._wake.set()  # requests that waited through the restart
+        logger.info("worker group restarted: rank pids %s", self.pids)
+
+    def _start_group(self) -> None:
+        """Resolve, spawn, load and warm up (blocking: runs in a thread)."""
+        model = resolve_model(self.config.model)
+        model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
+        group = WorkerGroup(worker_spec(model, self.config.parallel, self.config.dtype), on_death=self._on_death)
+        group.start()
+        try:
+            if self.config.warm_up:
+                self._warm_up(model, group)
+        except BaseException:
             group.close()
+            raise
+        with self._lock:
+            if self.state is EngineState.STOPPED:  # shut down while loading
+                group.close()
+                raise EngineNotReady("stopped while loading")
+            self.model, self._group = model, group
+
+    @staticmethod
+    def _warm_up(model: ResolvedModel, group: WorkerGroup) -> None:
+        """One single-step generation at the default size, so the first user request is not the slow one."""
+        started = time.perf_counter()
+        side = model.family.size.min
+        images = [Image.new("RGB", (side, side), (127, 127, 127))] if model.family.is_edit else []
+        request = build_request(model, PromptInput("warm-up", images=images), OmniDiffusionSamplingParams(
+            num_inference_steps=1, seed=0))
+        result = group.submit(GenerationBatch([request]))[0].result()
+        if isinstance(result, GenerationFailure):
+            raise GenerationError(f"warm-up generation failed: {result.message}")
+        logger.info("warm-up generation done in %.2f s", time.perf_counter() - started)
+
+    def _on_death(self, reason: str) -> None:
+        """Called from the worker group's reader thread: wake the scheduler to restart."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._waiting = [*self._waiting, *self._running], []
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(error)

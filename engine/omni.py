@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from workers import OmniDiffusionSamplingParams
+from workers import GenerationBatch, OmniDiffusionSamplingParams
 
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
@@ -41,8 +41,14 @@ class Omni:
         items = prompts if isinstance(prompts, list) else [prompts]
         requests = [build_request(self.model, PromptInput.from_user(item), params) for item in items]
         started = time.perf_counter()
-        futures = [self._group.submit(request) for request in requests]
-        return [output_from_result(r, f.result(), started) for r, f in zip(requests, futures)]
+        futures = [self._group.submit(GenerationBatch([request]))[0] for request in requests]
+        try:
+            return [output_from_result(r, f.result(), started) for r, f in zip(requests, futures)]
+        except BaseException:  # KeyboardInterrupt included: stop the work nobody will collect
+            for request, future in zip(requests, futures):
+                if not future.done():
+                    self._group.cancel(request.request_id)
+            raise
 
     def rank_parameter_bytes(self) -> list[dict[str, int]]:
         """Per rank, the bytes each loaded component holds (followers: only their DiT shard)."""

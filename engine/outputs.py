@@ -19,23 +19,32 @@ class GenerationError(RuntimeError):
 class OmniRequestOutput:
     request_id: str
     prompt: str
-    seed: int
+    seed: int  # the request's seed; image i was drawn from seed + i (see `seeds`)
     images: list[Image.Image]
-    timings: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    num_inference_steps: int = 0
+    batch_images: int = 1  # images in the pipeline call that produced this output
+    timings: dict[str, float] = field(default_factory=dict)  # total_s, inference_s, queue_s, step_s (mean)
 
 
 def output_from_result(
-    request: GenerationRequest, result: GenerationResult | GenerationFailure, started: float
+    request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0
 ) -> OmniRequestOutput:
     """The output for `request`, or the error its failure stands for."""
     if isinstance(result, GenerationFailure):
         if result.error_type == GROUP_BROKEN:
             raise WorkerGroupDied(f"request {request.request_id} failed: a rank of the worker group died ({result.message})")
         raise GenerationError(f"request {request.request_id} failed: {result.message}")
+    timings = {"total_s": time.perf_counter() - submitted, "inference_s": result.inference_s, "queue_s": queue_s}
+    if result.step_s:
+        timings["step_s"] = sum(result.step_s) / len(result.step_s)
     return OmniRequestOutput(
         request_id=request.request_id,
         prompt=request.prompt,
-        seed=result.seed,
+        seed=request.seed,
         images=result.images,
-        timings={"inference_s": result.inference_s, "total_s": time.perf_counter() - started},
+        seeds=result.seeds,
+        num_inference_steps=request.num_inference_steps,
+        batch_images=result.batch_images,
+        timings=timings,
     )

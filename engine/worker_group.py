@@ -13,12 +13,13 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch.multiprocessing as mp
 from workers import (
+    GenerationBatch,
     GenerationFailure,
-    GenerationRequest,
     GenerationResult,
     WorkerReady,
     WorkerSpec,
@@ -54,8 +55,11 @@ def usable_cores() -> int:
 
 
 class WorkerGroup:
-    def __init__(self, spec: WorkerSpec, startup_timeout_s: float = 600.0):
+    def __init__(
+        self, spec: WorkerSpec, startup_timeout_s: float = 600.0, on_death: Callable[[str], None] | None = None
+    ):
         self.spec = spec
+        self.on_death = on_death
         self.startup_timeout_s = startup_timeout_s
         self._context = mp.get_context("spawn")
         self._processes: list = []
@@ -70,11 +74,13 @@ class WorkerGroup:
     def start(self) -> None:
         """Spawn every rank and wait until all have loaded; raise WorkerStartupError otherwise."""
         self._requests = self._context.Queue()
+        self._cancels = self._context.Queue()
         self._events = self._context.Queue()
         for rank in range(self.spec.world_size):
+            driver_queues = (self._requests, self._cancels) if rank == 0 else (None, None)
             process = self._context.Process(
                 target=run_worker,
-                args=(rank, self.spec, self._requests if rank == 0 else None, self._events),
+                args=(rank, self.spec, *driver_queues, self._events),
                 name=f"ditserve-rank{rank}",
                 daemon=True,
             )
@@ -87,6 +93,7 @@ class WorkerGroup:
             raise
         self._reader = threading.Thread(target=self._read_events, name="ditserve-events", daemon=True)
         self._reader.start()
+        logger.info("worker group started: rank pids %s", ", ".join(str(pid) for pid in self.pids))
 
     def _wait_ready(self) -> None:
         ready: set[int] = set()
@@ -129,15 +136,23 @@ class WorkerGroup:
         self._processes = []
 
     # requests --------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Future:
-        future: Future = Future()
+    def submit(self, batch: GenerationBatch) -> list[Future]:
+        """One Future per request of the batch, resolved with its GenerationResult or GenerationFailure."""
+        futures = [Future() for _ in batch.requests]
         with self._lock:
             if self.dead_reason is not None or self._stopping.is_set():
-                future.set_exception(WorkerGroupDied(self.dead_reason or "the worker group is stopped"))
-                return future
-            self._pending[request.request_id] = future
-        self._requests.put(request)
-        return future
+                for future in futures:
+                    future.set_exception(WorkerGroupDied(self.dead_reason or "the worker group is stopped"))
+                return futures
+            for request, future in zip(batch.requests, futures):
+                self._pending[request.request_id] = future
+        self._requests.put(batch)
+        return futures
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the driver to stop `request_id` at its next denoising step (or skip it if queued)."""
+        if self.dead_reason is None and not self._stopping.is_set():
+            self._cancels.put(request_id)
 
     @property
     def pids(self) -> list[int]:
@@ -157,6 +172,8 @@ class WorkerGroup:
                     self.dead_reason = f"rank(s) {dead} exited unexpectedly"
                     logger.error("worker group died: %s", self.dead_reason)
                     self._fail_pending(WorkerGroupDied(self.dead_reason))
+                    if self.on_death is not None:
+                        self.on_death(self.dead_reason)
                     return
                 continue
             if isinstance(event, (GenerationResult, GenerationFailure)):

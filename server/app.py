@@ -8,16 +8,17 @@ import logging
 import os
 import signal
 import time
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 
 from engine import AsyncEngine
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import APIError, install_error_handlers
 from server.image_store import ImageStore
 from server.images_api import images_router
+from server.request_recorder import RequestRecorder
 from server.settings import ServerSettings
 
 logger = logging.getLogger("ditserve")
@@ -32,8 +33,9 @@ def package_version() -> str:
 
 def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
     if engine.healthy:
-        logger.info("ditserve ready: serving %s at http://%s:%d (tensor_parallel_size=%d)", settings.served_model_name,
-                    settings.host, settings.port, engine.config.parallel.tensor_parallel_size)
+        logger.info("ditserve ready: serving %s at http://%s:%d (tensor_parallel_size=%d, max_batch_size=%d)",
+                    settings.served_model_name, settings.host, settings.port,
+                    engine.config.parallel.tensor_parallel_size, engine.config.max_batch_size)
     else:  # a server that cannot serve should exit, so a supervisor can see and restart it
         logger.error("ditserve could not load %s; shutting down", settings.model)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -42,20 +44,14 @@ def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start_loading(on_done=lambda: _report_loaded(engine, settings))
+        await engine.start(on_loaded=lambda: _report_loaded(engine, settings))
         yield
-        engine.close()
+        await engine.shutdown()
 
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestRecorder, metrics=engine.metrics)
     started = int(time.time())
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        request.state.request_id = str(uuid.uuid4())
-        response = await call_next(request)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
 
     def require_api_key(request: Request) -> None:
         if settings.api_key is None:
@@ -69,6 +65,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if engine.healthy:
             return JSONResponse({"status": "ok", "model": settings.served_model_name})
         return JSONResponse({"status": engine.state.value, "detail": engine.not_ready_reason()}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def get_version() -> dict:

@@ -71,14 +71,19 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="images per pipeline call: queued requests with the same size, steps, guidance "
+                             "and n run together (default 8; 1 turns batching off)")
     parser.add_argument("--max-queue-size", type=int, default=64,
-                        help="requests admitted at once; more get 429 with Retry-After (default 64)")
+                        help="requests admitted at once (waiting or running); more get 429 with Retry-After (default 64)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds before a request is answered 504 (default: no limit)")
     parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,
                         help="largest accepted image upload, per file (default 20 MiB); larger get 413")
+    parser.add_argument("--shutdown-timeout", type=float, default=60.0,
+                        help="on SIGTERM, seconds to let admitted requests finish before failing them (default 60)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info: one line per request")
     return parser
@@ -113,6 +118,9 @@ def serve_main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         parallel = DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+        for flag in ("max_batch_size", "max_queue_size"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
         resolve_model(args.model)  # a bad name fails here, before anything starts
     except ValueError as exc:
         raise SystemExit(f"serve: error: {exc}")
@@ -122,6 +130,7 @@ def serve_main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
         default_overrides=_sampling_overrides(args.default_sampling_params),
         max_queue_size=args.max_queue_size,
+        max_batch_size=args.max_batch_size,
         request_timeout_s=args.request_timeout,
     ))
     settings = ServerSettings(
@@ -134,7 +143,8 @@ def serve_main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
     )
     app = create_app(engine, settings)
-    _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=args.shutdown_timeout)).run()
     if engine.state is EngineState.FAILED:
         raise SystemExit(f"serve: error: {engine.failure}")
 

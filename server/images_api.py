@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 
 import pydantic
@@ -30,7 +29,7 @@ from server.image_store import ImageStore
 from server.schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, validation_error
 from server.settings import ServerSettings
 
-logger = logging.getLogger("ditserve.requests")
+_DISCONNECT_POLL_S = 0.05
 
 # Engine parameter names as the API knows them.
 _API_PARAM = {"height": "size", "width": "size", "num_outputs_per_prompt": "n"}
@@ -48,7 +47,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
             raise validation_error(error) from None
         _check_model_and_task(api_request, engine, settings, edit=False)
         prompt = PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt)
-        outputs = [await _generate(engine, prompt, api_request)]
+        outputs = await _generate_all(request, engine, [prompt], api_request)
         return await _response(request, api_request, outputs, store)
 
     @router.post("/v1/images/edits")
@@ -69,8 +68,8 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
             PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt, images=[image])
             for image in images
         ]
-        outputs = await asyncio.gather(*(_generate(engine, prompt, api_request) for prompt in prompts))
-        return await _response(request, api_request, list(outputs), store)
+        outputs = await _generate_all(request, engine, prompts, api_request)
+        return await _response(request, api_request, outputs, store)
 
     return router
 
@@ -133,6 +132,34 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
         raise invalid(f"model {settings.served_model_name!r} {kind}: use POST {endpoint}", "model", "unsupported_endpoint")
 
 
+async def _generate_all(
+    request: Request, engine: AsyncEngine, prompts: list[PromptInput], api_request: ImageRequest
+) -> list[OmniRequestOutput]:
+    """Run every prompt; if the client goes away first, cancel them (they stop at the next step)."""
+    request.state.log_fields = {"model": api_request.model or "-", "size": api_request.size, "n": api_request.n}
+    work = asyncio.ensure_future(asyncio.gather(*(_generate(engine, prompt, api_request) for prompt in prompts)))
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        raise APIError(499, "the client closed the connection; the request was cancelled", code="client_disconnected")
+    outputs = work.result()
+    first = outputs[0]
+    request.state.log_fields.update(
+        steps=first.num_inference_steps, batch=first.batch_images, queue_wait=f"{first.timings['queue_s']:.3f}s",
+        seed=first.seed,
+    )
+    return outputs
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
 async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: ImageRequest) -> OmniRequestOutput:
     height, width = api_request.requested_size()
     params = OmniDiffusionSamplingParams(
@@ -144,12 +171,8 @@ async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: Image
         seed=api_request.seed,
         num_outputs_per_prompt=api_request.n,
     )
-    started = time.perf_counter()
-    status = "error"
     try:
-        output = await engine.generate(prompt, params)
-        status = "ok"
-        return output
+        return await engine.generate(prompt, params)
     except InvalidRequestError as exc:
         raise invalid(str(exc), _API_PARAM.get(exc.param, exc.param)) from None
     except EngineNotReady as exc:
@@ -162,25 +185,20 @@ async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: Image
         raise APIError(503, str(exc), code="worker_died", retryable=True) from None
     except GenerationError as exc:
         raise APIError(500, str(exc), code="generation_failed") from None
-    finally:
-        logger.info(
-            "size=%s steps=%s n=%d status=%s time=%.2fs", api_request.size, api_request.num_inference_steps,
-            api_request.n, status, time.perf_counter() - started,
-        )
 
 
 async def _response(request: Request, api_request: ImageRequest, outputs: list[OmniRequestOutput], store: ImageStore) -> dict:
     fmt = api_request.output_format
     data = []
     for output in outputs:
-        for image in output.images:
+        for image, seed in zip(output.images, output.seeds):
             encoded = await run_in_threadpool(encode, image, fmt, api_request.output_compression)
             if api_request.response_format == "url":
                 token = store.put(encoded, MEDIA_TYPES[fmt])
                 item = {"url": str(request.url_for("image_file", token=token))}  # route in server.app
             else:
                 item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
-            data.append({**item, "revised_prompt": None, "seed": output.seed})
+            data.append({**item, "revised_prompt": None, "seed": seed})
     first = outputs[0].images[0]
     return {
         "created": int(time.time()),

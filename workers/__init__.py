@@ -1,7 +1,9 @@
 """Rank processes: one per device; rank 0 drives the diffusers pipeline, the others follow."""
 
 from workers.messages import (
+    CANCELLED,
     GROUP_BROKEN,
+    GenerationBatch,
     GenerationFailure,
     GenerationRequest,
     GenerationResult,
@@ -13,7 +15,9 @@ from workers.messages import (
 )
 
 __all__ = [
+    "CANCELLED",
     "GROUP_BROKEN",
+    "GenerationBatch",
     "GenerationFailure",
     "GenerationRequest",
     "GenerationResult",

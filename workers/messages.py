@@ -59,14 +59,24 @@ class GenerationRequest:
 
 
 @dataclass
+class GenerationBatch:
+    """Requests that share every pipeline-wide value (size, steps, guidance, n) and run as one call."""
+
+    requests: list[GenerationRequest]
+
+
+@dataclass
 class GenerationResult:
     request_id: str
     images: list[Image.Image]
-    seed: int
+    seeds: list[int]  # image i was drawn from seeds[i] (= request seed + i)
     inference_s: float
+    step_s: list[float]  # duration of each denoising step after the first
+    batch_images: int  # images in the pipeline call this request was part of
 
 
 GROUP_BROKEN = "group_broken"  # GenerationFailure.error_type when a peer rank failed
+CANCELLED = "cancelled"  # ... when the engine cancelled the request
 
 
 @dataclass

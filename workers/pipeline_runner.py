@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 import diffusers
 import torch
 from configs import load_family
 
-from workers.messages import GenerationRequest, GenerationResult, WorkerSpec
+from workers.messages import GenerationBatch, GenerationRequest, GenerationResult, WorkerSpec
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 
@@ -27,39 +28,71 @@ def load_pipeline(spec: WorkerSpec, **components: Any) -> diffusers.DiffusionPip
     return pipeline.to(spec.device_type)
 
 
+class BatchCancelled(Exception):
+    """Raised from the step callback to abandon a pipeline call whose every request was cancelled."""
+
+
 class PipelineRunner:
-    """Runs requests through one loaded pipeline, passing only arguments its __call__ accepts."""
+    """Runs batches through one loaded pipeline, passing only arguments its __call__ accepts."""
 
     def __init__(self, pipeline: diffusers.DiffusionPipeline):
         self.pipeline = pipeline
         self._accepted = set(inspect.signature(pipeline.__call__).parameters)
 
-    def call_arguments(self, request: GenerationRequest) -> dict[str, Any]:
-        images = request.images[0] if len(request.images) == 1 else request.images or None
+    def call_arguments(self, batch: GenerationBatch) -> dict[str, Any]:
+        """One pipeline call for the batch; its requests share every value but prompt, negative and seed."""
+        first, requests = batch.requests[0], batch.requests
+        single = len(requests) == 1
+        images = first.images[0] if len(first.images) == 1 else first.images or None
+        negatives = [r.negative_prompt for r in requests]
         arguments = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
+            "prompt": first.prompt if single else [r.prompt for r in requests],
+            "negative_prompt": negatives[0] if single else (None if first.negative_prompt is None else negatives),
             "image": images,
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": request.guidance_scale,
-            "true_cfg_scale": request.true_cfg_scale,
-            "height": request.height,
-            "width": request.width,
-            "num_images_per_prompt": request.num_outputs,
-            "max_sequence_length": request.max_sequence_length,
-            # Noise always comes from a CPU generator on the driver: the same seed gives the
-            # same image on any device and at any tensor-parallel size.
-            "generator": torch.Generator("cpu").manual_seed(request.seed),
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "true_cfg_scale": first.true_cfg_scale,
+            "height": first.height,
+            "width": first.width,
+            "num_images_per_prompt": first.num_outputs,
+            "max_sequence_length": first.max_sequence_length,
+            # Noise always comes from CPU generators on the driver, one per image (seed + i), so an
+            # image is the same on any device, at any tensor-parallel size and in any batch.
+            "generator": [torch.Generator("cpu").manual_seed(seed) for r in requests for seed in image_seeds(r)],
         }
         return {k: v for k, v in arguments.items() if v is not None and k in self._accepted}
 
     @torch.inference_mode()
-    def run(self, request: GenerationRequest) -> GenerationResult:
+    def run(self, batch: GenerationBatch, should_stop: Callable[[], bool] = lambda: False) -> list[GenerationResult]:
+        """Results in request order; raises BatchCancelled when should_stop() turns true after a step."""
         started = time.perf_counter()
-        output = self.pipeline(**self.call_arguments(request), output_type="pil")
-        return GenerationResult(
-            request_id=request.request_id,
-            images=list(output.images),
-            seed=request.seed,
-            inference_s=time.perf_counter() - started,
-        )
+        step_ends: list[float] = []
+
+        def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+            step_ends.append(time.perf_counter())
+            if should_stop():
+                raise BatchCancelled
+            return tensors
+
+        arguments = self.call_arguments(batch)
+        if "callback_on_step_end" in self._accepted:
+            arguments["callback_on_step_end"] = after_step
+        images = list(self.pipeline(**arguments, output_type="pil").images)
+        inference_s = time.perf_counter() - started
+        step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
+        results, offset = [], 0
+        for request in batch.requests:
+            results.append(GenerationResult(
+                request_id=request.request_id,
+                images=images[offset : offset + request.num_outputs],
+                seeds=image_seeds(request),
+                inference_s=inference_s,
+                step_s=step_s,
+                batch_images=len(images),
+            ))
+            offset += request.num_outputs
+        return results
+
+
+def image_seeds(request: GenerationRequest) -> list[int]:
+    return [request.seed + i for i in range(request.num_outputs)]

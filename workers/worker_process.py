@@ -6,6 +6,7 @@ the engine; ranks 1..N-1 (followers) load only their DiT shard and run what the 
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import queue
@@ -18,8 +19,16 @@ import transformers
 from configs import load_family
 
 from workers import forward_broadcast, parallel_state
-from workers.messages import GROUP_BROKEN, GenerationFailure, WorkerReady, WorkerSpec, WorkerStartupFailed
-from workers.pipeline_runner import PipelineRunner, load_pipeline
+from workers.messages import (
+    CANCELLED,
+    GROUP_BROKEN,
+    GenerationBatch,
+    GenerationFailure,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStartupFailed,
+)
+from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
 from workers.sharded_loading import load_transformer_shard
 
 logger = logging.getLogger(__name__)
@@ -28,7 +37,7 @@ _POLL_S = 1.0
 _PING_EVERY_S = 60.0  # well inside parallel_state.COLLECTIVE_TIMEOUT
 
 
-def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | None", events) -> None:
+def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | None", cancels, events) -> None:
     """Process target (spawned): report ready or the startup error, then serve until told to stop."""
     started = time.perf_counter()
     try:
@@ -49,7 +58,7 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
         return
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components)))
     if rank == 0:
-        _drive(runner, requests, events, spec.world_size)
+        _drive(runner, requests, CancelledIds(cancels), events, spec.world_size)
         if spec.world_size > 1 and not parallel_state.group_broken():
             forward_broadcast.send(forward_broadcast.STOP)
     else:
@@ -79,12 +88,40 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def _drive(runner: PipelineRunner, requests, events, world_size: int) -> None:
-    """Driver loop: one request at a time from the engine; None means stop."""
+class CancelledIds:
+    """Request ids the engine cancelled, read from its queue without blocking.
+
+    Only the last few hundred are remembered: a cancel that arrives after its request finished
+    is never looked up again.
+    """
+
+    _REMEMBERED = 512
+
+    def __init__(self, cancels):
+        self._cancels = cancels
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, request_id: str) -> bool:
+        while True:
+            try:
+                self._ids[self._cancels.get_nowait()] = None
+            except queue.Empty:
+                break
+        while len(self._ids) > self._REMEMBERED:
+            self._ids.popitem(last=False)
+        return request_id in self._ids
+
+
+def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, world_size: int) -> None:
+    """Driver loop: one batch at a time from the engine; None means stop.
+
+    Cancellation is decided here, on rank 0 only, between denoising steps: followers simply never
+    receive the next forward call, so the ranks cannot diverge.
+    """
     last_collective = time.monotonic()
     while True:
         try:
-            request = requests.get(timeout=_POLL_S)
+            batch = requests.get(timeout=_POLL_S)
         except queue.Empty:
             if not _parent_alive():
                 return
@@ -92,20 +129,31 @@ def _drive(runner: PipelineRunner, requests, events, world_size: int) -> None:
                 forward_broadcast.send(forward_broadcast.PING)
                 last_collective = time.monotonic()
             continue
-        if request is None:
+        if batch is None:
             return
+        live = []
+        for request in batch.requests:
+            if request.request_id in cancelled:
+                events.put(GenerationFailure(request.request_id, "cancelled before it started", CANCELLED))
+            else:
+                live.append(request)
+        if not live:
+            continue
         try:
-            events.put(runner.run(request))
+            for result in runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live)):
+                events.put(result)
+        except BatchCancelled:
+            for request in live:
+                events.put(GenerationFailure(request.request_id, "cancelled", CANCELLED))
         except Exception as exc:
-            logger.exception("request %s failed", request.request_id)
+            logger.exception("batch of %d request(s) failed", len(live))
             broken = parallel_state.group_broken()
-            events.put(
-                GenerationFailure(
+            for request in live:
+                events.put(GenerationFailure(
                     request_id=request.request_id,
                     message=f"{type(exc).__name__}: {exc}",
                     error_type=GROUP_BROKEN if broken else "server_error",
-                )
-            )
+                ))
             if broken:  # a peer rank is gone: exit so the engine sees the group is dead
                 return
         last_collective = time.monotonic()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -93,3 +96,25 @@ def test_worker_still_serves_after_rejected_requests(omni):
     with pytest.raises(ValueError):
         omni.generate("x", OmniDiffusionSamplingParams(height=7))
     assert omni.generate("still here", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0].images
+
+
+def test_image_i_of_a_request_is_reproducible_alone_with_seed_plus_i(omni):
+    params = dict(num_inference_steps=2, height=64, width=64)
+    pair = omni.generate("twins", OmniDiffusionSamplingParams(seed=40, num_outputs_per_prompt=2, **params))[0]
+    assert pair.seeds == [40, 41]
+    second = omni.generate("twins", OmniDiffusionSamplingParams(seed=41, **params))[0]
+    assert max_pixel_difference(pair.images[1], second.images[0]) <= 1  # batch of 2 vs 1: float rounding only
+
+
+def test_keyboard_interrupt_cancels_the_running_request(omni):
+    long_run = OmniDiffusionSamplingParams(num_inference_steps=200, height=256, width=256, seed=1)
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        omni.generate("a very long job", long_run)
+    interrupted = time.perf_counter()
+    quick = omni.generate("next", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0]
+    # The quick request ran once the long one stopped at its next step, not after 200 steps (~10 s).
+    assert time.perf_counter() - interrupted < 2.0, f"interrupted {interrupted - started:.2f} s in; next took too long"
+    assert quick.images[0].size == (64, 64)

@@ -1,0 +1,47 @@
+"""Which waiting requests may share one pipeline call, and which go next.
+
+A batch starts with the oldest waiting request and takes, in arrival order, every later request
+with the same batch key until it holds `max_images` images. The oldest request always runs next,
+so no request waits behind others forever, whatever their parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Protocol
+
+from workers import GenerationRequest
+
+
+class HasRequest(Protocol):
+    request: GenerationRequest
+
+
+def batch_key(request: GenerationRequest) -> Hashable:
+    """Requests with equal keys differ only in prompt, negative prompt and seed."""
+    if request.images:  # input images are pipeline-wide: an edit request runs alone
+        return ("alone", request.request_id)
+    return (
+        request.height,
+        request.width,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.true_cfg_scale,
+        request.max_sequence_length,
+        request.num_outputs,
+        request.negative_prompt is None,  # a pipeline takes negatives for all prompts or none
+    )
+
+
+def take_batch(waiting: Sequence[HasRequest], max_images: int) -> list[HasRequest]:
+    """The next batch: the oldest item plus compatible later ones (the oldest alone may exceed max_images)."""
+    head = waiting[0]
+    key, images = batch_key(head.request), head.request.num_outputs
+    batch = [head]
+    for item in waiting[1:]:
+        if images + item.request.num_outputs > max_images:
+            break
+        if batch_key(item.request) == key:
+            batch.append(item)
+            images += item.request.num_outputs
+    return batch

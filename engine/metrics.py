@@ -1,0 +1,30 @@
+"""Prometheus metrics of one server: what the engine and the HTTP layer record, in one registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ditserve_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "ditserve_request_seconds", "End-to-end HTTP latency of image requests", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("ditserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.running = Gauge("ditserve_running_requests", "Requests in the batch being computed", registry=r)
+        self.queue_seconds = Histogram("ditserve_queue_wait_seconds", "Time from admission to the start of its batch",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_images = Histogram("ditserve_batch_images", "Images per pipeline call",
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.images = Counter("ditserve_images_generated", "Images produced", registry=r)
+        self.step_seconds = Histogram("ditserve_step_seconds", "Duration of one denoising step of a batch",
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.cancelled = Counter("ditserve_requests_cancelled", "Requests stopped by disconnect or timeout", registry=r)
+        self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)

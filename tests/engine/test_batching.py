@@ -1,0 +1,80 @@
+"""Batching: which requests share a pipeline call, and that sharing one changes no image."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from engine import AsyncEngine, EngineConfig, OmniDiffusionSamplingParams, PromptInput
+from engine.batching import take_batch
+from tests.conftest import max_pixel_difference
+from workers import GenerationRequest
+
+
+@dataclasses.dataclass
+class Item:
+    request: GenerationRequest
+
+
+def item(name: str, steps: int = 4, n: int = 1, side: int = 64, images=()) -> Item:
+    return Item(GenerationRequest(request_id=name, prompt=name, seed=1, num_inference_steps=steps,
+                                  num_outputs=n, height=side, width=side, images=list(images)))
+
+
+def names(batch) -> list[str]:
+    return [i.request.request_id for i in batch]
+
+
+def test_the_oldest_request_leads_and_compatible_ones_join_in_order():
+    waiting = [item("a"), item("b", steps=8), item("c"), item("d", side=128), item("e")]
+    assert names(take_batch(waiting, max_images=8)) == ["a", "c", "e"]
+    assert names(take_batch(waiting[1:], max_images=8)) == ["b"]  # incompatible ones still get their turn
+
+
+def test_batches_stop_at_max_images_and_an_oversize_request_runs_alone():
+    waiting = [item("a", n=2), item("b", n=2), item("c", n=2)]
+    assert names(take_batch(waiting, max_images=4)) == ["a", "b"]
+    assert names(take_batch([item("big", n=6), item("x")], max_images=4)) == ["big"]
+    assert names(take_batch([item("a"), item("b")], max_images=1)) == ["a"]
+
+
+def test_requests_with_input_images_never_share_a_call():
+    from PIL import Image
+
+    picture = Image.new("RGB", (8, 8))
+    waiting = [item("a", images=[picture]), item("b", images=[picture])]
+    assert names(take_batch(waiting, max_images=8)) == ["a"]
+
+
+async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]]):
+    """Images of the prompts run concurrently (one batch) and then one by one, with batch sizes."""
+    engine = AsyncEngine(EngineConfig(model=model, max_batch_size=8, warm_up=False))
+    loaded = asyncio.Event()
+    await engine.start(on_loaded=loaded.set)
+    await loaded.wait()
+    assert engine.healthy, engine.not_ready_reason()
+    try:
+        def params(seed):
+            return OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64, seed=seed)
+
+        together = await asyncio.gather(*(
+            engine.generate(PromptInput(prompt, negative), params(seed)) for prompt, negative, seed in prompts))
+        alone = [await engine.generate(PromptInput(prompt, negative), params(seed)) for prompt, negative, seed in prompts]
+    finally:
+        await engine.shutdown()
+    return together, alone
+
+
+@pytest.mark.parametrize("family", ["z-image", "qwen-image"])
+def test_a_batched_request_gets_exactly_its_own_image(family):
+    prompts = [("a red fox", "blurry", 10), ("a whale in a very long and detailed ocean scene", "ugly", 11),
+               ("sky", "dark", 12), ("a green frog on a leaf", "noise", 13)]
+    together, alone = asyncio.run(_batched_then_alone(f"tiny/{family}", prompts))
+    assert [o.batch_images for o in together] == [4] * 4
+    assert [o.batch_images for o in alone] == [1] * 4
+    for (prompt, _, seed), batched, single in zip(prompts, together, alone):
+        assert batched.prompt == prompt and batched.seed == seed
+        assert max_pixel_difference(batched.images[0], single.images[0]) <= 1
+    assert max_pixel_difference(together[0].images[0], together[1].images[0]) > 10
