@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from workers import GenerationBatch, OmniDiffusionSamplingParams
 
@@ -43,7 +45,7 @@ class Omni:
         started = time.perf_counter()
         futures = [self._group.submit(GenerationBatch([request]))[0] for request in requests]
         try:
-            return [output_from_result(r, f.result(), started) for r, f in zip(requests, futures)]
+            return [output_from_result(r, _interruptible_result(f), started) for r, f in zip(requests, futures)]
         except BaseException:  # KeyboardInterrupt included: stop the work nobody will collect
             for request, future in zip(requests, futures):
                 if not future.done():
@@ -62,3 +64,12 @@ class Omni:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _interruptible_result(future: Future):
+    """future.result(), waking every 100 ms: a Ctrl-C delivered to another thread still reaches us."""
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except FutureTimeout:
+            continue
