@@ -11,36 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import openai
 
 from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
-from engine.worker_group import free_port
+from serve_process import start_server
 
-SERVE = str(Path(sys.executable).parent / "serve")
 CASES = [(64, 1), (128, 9)]  # (side, steps)
-
-
-def start_server(model: str, tp: int) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    process = subprocess.Popen([SERVE, model, "--port", str(port), "--tensor-parallel-size", str(tp),
-                                "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -61,7 +39,7 @@ def main() -> None:
 
     http_times = {}
     for tp in (1, 2):
-        process, url, ready_s = start_server(args.model, tp)
+        process, url, ready_s = start_server(args.model, "--tensor-parallel-size", str(tp))
         print(f"serve {args.model} --tensor-parallel-size {tp}: ready after {ready_s:.2f} s")
         if tp == 1:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

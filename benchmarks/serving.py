@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +21,8 @@ import httpx
 import torch
 
 from engine.tiny_models import write_tiny_model
-from engine.worker_group import free_port
+from serve_process import start_server
 
-SERVE = str(Path(sys.executable).parent / "serve")
 CONCURRENCY = (1, 4, 16)
 BATCH_SIZES = (1, 16)
 MEDIUM_TRANSFORMER = dict(
@@ -45,22 +42,6 @@ def write_medium_model(directory: Path) -> Path:
         stale.unlink()
     transformer.save_pretrained(directory / "transformer")
     return directory
-
-
-def start_server(model: str, max_batch_size: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([SERVE, model, "--port", str(port), "--max-batch-size", str(max_batch_size),
-                                "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
 
 
 async def run_load(url: str, concurrency: int, per_client: int, body: dict) -> tuple[float, float, float]:
@@ -97,7 +78,7 @@ def main() -> None:
         print(f"|{'-' * 22}|-------|---------|----------|---------|---------|")
         for label, model, body in models:
             for max_batch in BATCH_SIZES:
-                process, url = start_server(model, max_batch)
+                process, url, _ = start_server(model, "--max-batch-size", str(max_batch))
                 try:
                     asyncio.run(run_load(url, 2, 1, {"prompt": "warm", **body}))  # page in both paths
                     for concurrency in CONCURRENCY:

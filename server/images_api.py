@@ -47,7 +47,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
             raise validation_error(error) from None
         _check_model_and_task(api_request, engine, settings, edit=False)
         prompt = PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt)
-        outputs = await _generate_all(request, engine, [prompt], api_request)
+        outputs = await _generate_all(request, engine, settings, [prompt], api_request)
         return await _response(request, api_request, outputs, store)
 
     @router.post("/v1/images/edits")
@@ -68,7 +68,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
             PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt, images=[image])
             for image in images
         ]
-        outputs = await _generate_all(request, engine, prompts, api_request)
+        outputs = await _generate_all(request, engine, settings, prompts, api_request)
         return await _response(request, api_request, outputs, store)
 
     return router
@@ -133,10 +133,12 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
 
 
 async def _generate_all(
-    request: Request, engine: AsyncEngine, prompts: list[PromptInput], api_request: ImageRequest
+    request: Request, engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput],
+    api_request: ImageRequest,
 ) -> list[OmniRequestOutput]:
     """Run every prompt; if the client goes away first, cancel them (they stop at the next step)."""
-    request.state.log_fields = {"model": api_request.model or "-", "size": api_request.size, "n": api_request.n}
+    model = api_request.model or settings.served_model_name
+    request.state.log_fields = {"model": model, "size": api_request.size, "n": api_request.n}
     work = asyncio.ensure_future(asyncio.gather(*(_generate(engine, prompt, api_request) for prompt in prompts)))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:

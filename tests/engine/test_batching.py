@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from engine import AsyncEngine, EngineConfig, OmniDiffusionSamplingParams, PromptInput
+from engine import AsyncEngine, EngineConfig, OmniDiffusionSamplingParams, OmniRequestOutput, PromptInput
 from engine.batching import take_batch
 from tests.conftest import max_pixel_difference
 from workers import GenerationRequest
@@ -48,13 +48,18 @@ def test_requests_with_input_images_never_share_a_call():
     assert names(take_batch(waiting, max_images=8)) == ["a"]
 
 
-async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]]):
-    """Images of the prompts run concurrently (one batch) and then one by one, with batch sizes."""
-    engine = AsyncEngine(EngineConfig(model=model, max_batch_size=8, warm_up=False))
+async def started_engine(**config) -> AsyncEngine:
+    engine = AsyncEngine(EngineConfig(**config))
     loaded = asyncio.Event()
     await engine.start(on_loaded=loaded.set)
     await loaded.wait()
     assert engine.healthy, engine.not_ready_reason()
+    return engine
+
+
+async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]]):
+    """Images of the prompts run concurrently (one batch) and then one by one, with batch sizes."""
+    engine = await started_engine(model=model, max_batch_size=8, warm_up=False)
     try:
         def params(seed):
             return OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64, seed=seed)
@@ -78,3 +83,24 @@ def test_a_batched_request_gets_exactly_its_own_image(family):
         assert batched.prompt == prompt and batched.seed == seed
         assert max_pixel_difference(batched.images[0], single.images[0]) <= 1
     assert max_pixel_difference(together[0].images[0], together[1].images[0]) > 10
+
+
+async def _timed_out_then_quick() -> tuple[float, OmniRequestOutput]:
+    engine = await started_engine(model="tiny/z-image", request_timeout_s=0.5)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await engine.generate(PromptInput("slow"), OmniDiffusionSamplingParams(
+                num_inference_steps=200, height=256, width=256))
+        started = asyncio.get_running_loop().time()
+        quick = await engine.generate(PromptInput("quick"), OmniDiffusionSamplingParams(
+            num_inference_steps=1, height=64, width=64))
+        return asyncio.get_running_loop().time() - started, quick
+    finally:
+        await engine.shutdown()
+
+
+def test_a_timed_out_request_stops_at_the_next_step_and_frees_the_worker():
+    waited, quick = asyncio.run(_timed_out_then_quick())
+    assert quick.images[0].size == (64, 64)
+    assert waited < 2.0  # the 200-step request would have held the worker for ~10 s
+    assert quick.timings["queue_s"] < 1.0

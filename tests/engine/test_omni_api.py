@@ -108,13 +108,18 @@ def test_image_i_of_a_request_is_reproducible_alone_with_seed_plus_i(omni):
 
 
 def test_keyboard_interrupt_cancels_the_running_request(omni):
-    long_run = OmniDiffusionSamplingParams(num_inference_steps=200, height=256, width=256, seed=1)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
-    timer.start()
-    started = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        omni.generate("a very long job", long_run)
-    interrupted = time.perf_counter()
+    # A shell starts background jobs with SIGINT ignored; make Ctrl-C raise here as it does in a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        long_run = OmniDiffusionSamplingParams(num_inference_steps=200, height=256, width=256, seed=1)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+        timer.start()
+        started = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            omni.generate("a very long job", long_run)
+        interrupted = time.perf_counter()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     quick = omni.generate("next", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0]
     # The quick request ran once the long one stopped at its next step, not after 200 steps (~10 s).
     assert time.perf_counter() - interrupted < 2.0, f"interrupted {interrupted - started:.2f} s in; next took too long"
