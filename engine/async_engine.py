@@ -86,9 +86,13 @@ class AsyncEngine:
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, on_loaded: Callable[[], None] | None = None) -> None:
-        """Begin loading in the background and schedule once loaded; on_loaded runs after the load."""
+        """Begin loading in the background and schedule once loaded.
+
+        on_loaded runs after the first load and after every restart, failed or not (see `healthy`).
+        """
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._serve(on_loaded), name="ditserve-scheduler")
+        self._on_loaded = on_loaded or (lambda: None)
+        self._task = asyncio.create_task(self._serve(), name="ditserve-scheduler")
 
     async def shutdown(self) -> None:
         """Stop admitting, fail what is left, stop every rank."""
@@ -105,14 +109,14 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.state is EngineState.READY and self._group is not None and self._group.dead_reason is None
+        return self.state is EngineState.READY and self._group is not None and self._group.alive
 
     def not_ready_reason(self) -> str:
         if self.state is EngineState.LOADING:
             return f"model {self.config.model!r} is still loading"
         if self.state is EngineState.FAILED:
             return f"model {self.config.model!r} failed to load: {self.failure}"
-        if self.state is EngineState.RESTARTING or (self._group is not None and self._group.dead_reason):
+        if self.state is EngineState.RESTARTING or (self._group is not None and not self._group.alive):
             return "the worker group is restarting after a rank died"
         return "the engine is stopped"
 
@@ -151,7 +155,7 @@ class AsyncEngine:
             self._group.cancel(pending.request.request_id)
 
     # scheduling ------------------------------------------------------------------------------
-    async def _serve(self, on_loaded: Callable[[], None] | None) -> None:
+    async def _serve(self) -> None:
         try:
             await asyncio.to_thread(self._start_group)
             self.state = EngineState.READY
@@ -160,14 +164,13 @@ class AsyncEngine:
                 self.failure, self.state = f"{type(exc).__name__}: {exc}", EngineState.FAILED
                 logger.error("loading %s failed: %s", self.config.model, self.failure)
         finally:
-            if on_loaded is not None:
-                on_loaded()
+            self._on_loaded()
         while self.state is EngineState.READY:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting and self.healthy:
                 await self._run_batch(take_batch(self._waiting, self.config.max_batch_size))
-            if self._group is not None and self._group.dead_reason is not None:
+            if self._group is not None and not self._group.alive:
                 await self._restart()
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
@@ -199,7 +202,7 @@ class AsyncEngine:
             self.metrics.images.inc(sum(len(r.images) for r in done))
 
     async def _restart(self) -> None:
-        old, reason = self._group, self._group.dead_reason
+        old, reason = self._group, self._group.failure
         self.state = EngineState.RESTARTING
         self.metrics.worker_restarts.inc()
         logger.warning("restarting the worker group: %s", reason)
@@ -211,10 +214,12 @@ class AsyncEngine:
                 self.failure, self.state = f"restart failed: {type(exc).__name__}: {exc}", EngineState.FAILED
                 logger.error("%s", self.failure)
                 self._fail_all(EngineNotReady(self.not_ready_reason()))
+                self._on_loaded()
             return
         self.state = EngineState.READY
         self._wake.set()  # requests that waited through the restart
         logger.info("worker group restarted: rank pids %s", self.pids)
+        self._on_loaded()
 
     def _start_group(self) -> None:
         """Resolve, spawn, load and warm up (blocking: runs in a thread)."""

@@ -155,6 +155,20 @@ class WorkerGroup:
             self._cancels.put(request_id)
 
     @property
+    def failure(self) -> str | None:
+        """Why the group cannot serve, or None: checked now, not at the reader thread's next poll."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        if self._stopping.is_set():
+            return "the worker group is stopped"
+        dead = self._dead_ranks()
+        return f"rank(s) {dead} exited unexpectedly" if dead else None
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]
 

@@ -10,7 +10,7 @@ import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from engine import AsyncEngine
+from engine import AsyncEngine, EngineState
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +32,9 @@ def package_version() -> str:
 
 
 def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
+    """After the first load and every restart: announce readiness, or exit when the model cannot serve."""
+    if engine.state is EngineState.STOPPED:
+        return
     if engine.healthy:
         logger.info("ditserve ready: serving %s at http://%s:%d (tensor_parallel_size=%d, max_batch_size=%d)",
                     settings.served_model_name, settings.host, settings.port,

@@ -140,7 +140,6 @@ def serve_main(argv: list[str] | None = None) -> None:
         port=args.port,
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
-        log_level=args.log_level,
     )
     app = create_app(engine, settings)
     _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

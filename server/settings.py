@@ -14,7 +14,6 @@ class ServerSettings:
     api_key: str | None = None
     max_upload_bytes: int = 20 * 2**20
     url_ttl_s: float = 3600.0
-    log_level: str = "info"
 
     @property
     def model_names(self) -> set[str]:

@@ -97,6 +97,3 @@ class WorkerReady:
 class WorkerStartupFailed:
     rank: int
     message: str
-
-
-WorkerEvent = GenerationResult | GenerationFailure | WorkerReady | WorkerStartupFailed
