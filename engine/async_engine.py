@@ -120,10 +120,6 @@ class AsyncEngine:
             return "the worker group is restarting after a rank died"
         return "the engine is stopped"
 
-    @property
-    def pids(self) -> list[int]:
-        return self._group.pids if self._group is not None else []
-
     # requests --------------------------------------------------------------------------------
     async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
         """Raises InvalidRequestError, EngineNotReady, QueueFull, TimeoutError, GenerationError, WorkerGroupDied.
@@ -218,7 +214,7 @@ class AsyncEngine:
             return
         self.state = EngineState.READY
         self._wake.set()  # requests that waited through the restart
-        logger.info("worker group restarted: rank pids %s", self.pids)
+        logger.info("worker group restarted")
         self._on_loaded()
 
     def _start_group(self) -> None:

@@ -140,9 +140,10 @@ class WorkerGroup:
         """One Future per request of the batch, resolved with its GenerationResult or GenerationFailure."""
         futures = [Future() for _ in batch.requests]
         with self._lock:
-            if self.dead_reason is not None or self._stopping.is_set():
+            reason = self.failure
+            if reason is not None:
                 for future in futures:
-                    future.set_exception(WorkerGroupDied(self.dead_reason or "the worker group is stopped"))
+                    future.set_exception(WorkerGroupDied(reason))
                 return futures
             for request, future in zip(batch.requests, futures):
                 self._pending[request.request_id] = future
@@ -151,7 +152,7 @@ class WorkerGroup:
 
     def cancel(self, request_id: str) -> None:
         """Ask the driver to stop `request_id` at its next denoising step (or skip it if queued)."""
-        if self.dead_reason is None and not self._stopping.is_set():
+        if self.alive:
             self._cancels.put(request_id)
 
     @property
@@ -181,9 +182,9 @@ class WorkerGroup:
             try:
                 event = self._events.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = self._dead_ranks()
-                if dead and not self._stopping.is_set():
-                    self.dead_reason = f"rank(s) {dead} exited unexpectedly"
+                reason = None if self._stopping.is_set() else self.failure
+                if reason is not None:
+                    self.dead_reason = reason
                     logger.error("worker group died: %s", self.dead_reason)
                     self._fail_pending(WorkerGroupDied(self.dead_reason))
                     if self.on_death is not None:

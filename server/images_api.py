@@ -74,10 +74,14 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     return router
 
 
-async def _json_body(request: Request) -> dict:
+def _require_content_type(request: Request, expected: str) -> None:
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("application/json"):
-        raise APIError(415, f"content-type must be application/json, got {content_type or 'none'!r}", code="unsupported_media_type")
+    if not content_type.startswith(expected):
+        raise APIError(415, f"content-type must be {expected}, got {content_type or 'none'!r}", code="unsupported_media_type")
+
+
+async def _json_body(request: Request) -> dict:
+    _require_content_type(request, "application/json")
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -88,9 +92,7 @@ async def _json_body(request: Request) -> dict:
 
 
 async def _multipart(request: Request, max_bytes: int):
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise APIError(415, f"content-type must be multipart/form-data, got {content_type or 'none'!r}", code="unsupported_media_type")
+    _require_content_type(request, "multipart/form-data")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes * 4:
         raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes * 4} bytes", code="request_too_large")
@@ -139,7 +141,8 @@ async def _generate_all(
     """Run every prompt; if the client goes away first, cancel them (they stop at the next step)."""
     model = api_request.model or settings.served_model_name
     request.state.log_fields = {"model": model, "size": api_request.size, "n": api_request.n}
-    work = asyncio.ensure_future(asyncio.gather(*(_generate(engine, prompt, api_request) for prompt in prompts)))
+    params = _sampling_params(api_request)
+    work = asyncio.ensure_future(asyncio.gather(*(_generate(engine, prompt, params) for prompt in prompts)))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -162,9 +165,9 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: ImageRequest) -> OmniRequestOutput:
+def _sampling_params(api_request: ImageRequest) -> OmniDiffusionSamplingParams:
     height, width = api_request.requested_size()
-    params = OmniDiffusionSamplingParams(
+    return OmniDiffusionSamplingParams(
         num_inference_steps=api_request.num_inference_steps,
         guidance_scale=api_request.guidance_scale,
         true_cfg_scale=api_request.true_cfg_scale,
@@ -173,6 +176,9 @@ async def _generate(engine: AsyncEngine, prompt: PromptInput, api_request: Image
         seed=api_request.seed,
         num_outputs_per_prompt=api_request.n,
     )
+
+
+async def _generate(engine: AsyncEngine, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
     try:
         return await engine.generate(prompt, params)
     except InvalidRequestError as exc:

@@ -42,12 +42,14 @@ class PipelineRunner:
     def call_arguments(self, batch: GenerationBatch) -> dict[str, Any]:
         """One pipeline call for the batch; its requests share every value but prompt, negative and seed."""
         first, requests = batch.requests[0], batch.requests
-        single = len(requests) == 1
+
+        def per_prompt(values: list) -> Any:  # a lone request passes plain values, as a diffusers user would
+            return values[0] if len(values) == 1 else values
+
         images = first.images[0] if len(first.images) == 1 else first.images or None
-        negatives = [r.negative_prompt for r in requests]
         arguments = {
-            "prompt": first.prompt if single else [r.prompt for r in requests],
-            "negative_prompt": negatives[0] if single else (None if first.negative_prompt is None else negatives),
+            "prompt": per_prompt([r.prompt for r in requests]),
+            "negative_prompt": None if first.negative_prompt is None else per_prompt([r.negative_prompt for r in requests]),
             "image": images,
             "num_inference_steps": first.num_inference_steps,
             "guidance_scale": first.guidance_scale,
