@@ -1,28 +1,42 @@
-"""Model-family configuration: one YAML file per family, validated once into typed objects.
+"""Model-family configuration and the sampling knobs: data validated once into typed objects.
 
 Every layer may read this package; it imports nothing from server/, engine/ or workers/.
 """
 
 from configs.families import (
     FamilyConfig,
-    SamplingDefaults,
     LayerRule,
     SizeLimits,
     TensorParallelPlan,
     TinyRecipe,
     family_for_pipeline_class,
-    load_family,
     load_all_families,
+    load_family,
+)
+from configs.sampling import (
+    MAX_GUIDANCE_SCALE,
+    MAX_INFERENCE_STEPS,
+    MAX_OUTPUTS_PER_PROMPT,
+    MAX_SEED,
+    OmniDiffusionSamplingParams,
+    SamplingParams,
+    SamplingValueError,
 )
 
 __all__ = [
     "FamilyConfig",
-    "SamplingDefaults",
     "LayerRule",
+    "MAX_GUIDANCE_SCALE",
+    "MAX_INFERENCE_STEPS",
+    "MAX_OUTPUTS_PER_PROMPT",
+    "MAX_SEED",
+    "OmniDiffusionSamplingParams",
+    "SamplingParams",
+    "SamplingValueError",
     "SizeLimits",
     "TensorParallelPlan",
     "TinyRecipe",
     "family_for_pipeline_class",
-    "load_family",
     "load_all_families",
+    "load_family",
 ]

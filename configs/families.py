@@ -9,26 +9,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from configs.sampling import OmniDiffusionSamplingParams, SamplingValueError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SamplingDefaults(_Strict):
-    """Values used for any sampling parameter a request leaves unset."""
-
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    true_cfg_scale: float | None = None
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    max_sequence_length: int | None = None
-
-    def overridden_by(self, other: "SamplingDefaults") -> "SamplingDefaults":
-        return self.model_copy(update=other.model_dump(exclude_none=True))
 
 
 class SizeLimits(_Strict):
@@ -37,11 +24,12 @@ class SizeLimits(_Strict):
     max: int
 
     def check_side(self, name: str, value: int) -> None:
-        """Raise ValueError naming the sizes that work when `value` is not one of them."""
+        """Raise SamplingValueError naming the sizes that work when `value` is not one of them."""
         if value % self.multiple_of or not self.min <= value <= self.max:
-            raise ValueError(
+            raise SamplingValueError(
                 f"{name}={value} is not supported: height and width must be multiples of "
-                f"{self.multiple_of} between {self.min} and {self.max} (for example {self.nearest(value)})"
+                f"{self.multiple_of} between {self.min} and {self.max} (for example {self.nearest(value)})",
+                name,
             )
 
     def nearest(self, value: int) -> int:
@@ -50,11 +38,11 @@ class SizeLimits(_Strict):
 
 
 class LayerRule(_Strict):
-    """Linears whose full name matches `pattern` are split: col (outputs), row (inputs), or
-    packed-row (inputs are cat([per-head part, evenly split part])). `split` says how."""
+    """Linears whose full name matches `pattern` are split: colwise (outputs), rowwise (inputs), or
+    packed_rowwise (inputs are cat([per-head part, evenly split part])). `split` says how."""
 
     pattern: str
-    style: Literal["col", "row", "packed-row"]
+    style: Literal["colwise", "rowwise", "packed_rowwise"]
     split: Literal["heads", "even", "heads+even"]
     optional: bool = False  # the pattern may match nothing (a variant of the family lacks it)
 
@@ -72,7 +60,7 @@ class TinyRecipe(_Strict):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     seed: int = 0
-    defaults: SamplingDefaults = SamplingDefaults()
+    defaults: OmniDiffusionSamplingParams = OmniDiffusionSamplingParams()
     transformer: dict[str, Any]
 
     def component(self, name: str) -> dict[str, Any]:
@@ -84,7 +72,7 @@ class FamilyConfig(_Strict):
     pipeline_class: str
     transformer_class: str
     task: Literal["text-to-image", "image-edit"]
-    defaults: SamplingDefaults
+    defaults: OmniDiffusionSamplingParams
     tensor_parallel: TensorParallelPlan
     size: SizeLimits
     tiny: TinyRecipe

@@ -1,29 +1,42 @@
 """The engine: resolves models, validates requests, and drives the rank processes."""
 
-from workers import OmniDiffusionSamplingParams
+from configs import OmniDiffusionSamplingParams
 
-from engine.async_engine import AsyncEngine, EngineConfig, EngineNotReady, EngineState, QueueFull
+from engine.async_engine import AsyncEngine, EngineConfig, EngineState
+from engine.errors import (
+    EngineError,
+    EngineNotReady,
+    GenerationError,
+    InvalidRequestError,
+    QueueFull,
+    RequestCancelled,
+    RequestTimedOut,
+    WorkerGroupDied,
+    WorkerStartupError,
+)
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.omni import Omni
-from engine.outputs import GenerationError, OmniRequestOutput
+from engine.outputs import OmniRequestOutput
 from engine.parallel_config import DiffusionParallelConfig
-from engine.sampling import InvalidRequestError, PromptInput
-from engine.worker_group import WorkerGroupDied, WorkerStartupError
+from engine.sampling import PromptInput
 
 __all__ = [
     "AsyncEngine",
-    "EngineConfig",
-    "EngineNotReady",
-    "EngineState",
-    "QueueFull",
     "DEFAULT_MODEL",
     "DiffusionParallelConfig",
+    "EngineConfig",
+    "EngineError",
+    "EngineNotReady",
+    "EngineState",
     "GenerationError",
     "InvalidRequestError",
     "Omni",
     "OmniDiffusionSamplingParams",
     "OmniRequestOutput",
     "PromptInput",
+    "QueueFull",
+    "RequestCancelled",
+    "RequestTimedOut",
     "ResolvedModel",
     "WorkerGroupDied",
     "WorkerStartupError",

@@ -17,14 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from configs import SamplingDefaults
+from configs import OmniDiffusionSamplingParams
 from PIL import Image
-from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult, OmniDiffusionSamplingParams
+from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult
 
 from engine.batching import take_batch
+from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
-from engine.outputs import GenerationError, OmniRequestOutput, output_from_result
+from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import WorkerGroup
@@ -40,24 +41,23 @@ class EngineState(enum.Enum):
     STOPPED = "stopped"
 
 
-class EngineNotReady(RuntimeError):
-    """The model is loading or restarting, failed to load, or the engine was stopped."""
-
-
-class QueueFull(RuntimeError):
-    """More requests are admitted than the engine allows."""
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str
     parallel: DiffusionParallelConfig = DiffusionParallelConfig()
     dtype: str = "auto"
-    default_overrides: SamplingDefaults = SamplingDefaults()
+    default_overrides: OmniDiffusionSamplingParams = dataclasses.field(default_factory=OmniDiffusionSamplingParams)
     max_queue_size: int = 64  # requests waiting or running
     max_batch_size: int = 8  # images per pipeline call
     request_timeout_s: float | None = None
     warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue_size", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s={self.request_timeout_s} must be positive (or None: no limit)")
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,7 +122,8 @@ class AsyncEngine:
 
     # requests --------------------------------------------------------------------------------
     async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
-        """Raises InvalidRequestError, EngineNotReady, QueueFull, TimeoutError, GenerationError, WorkerGroupDied.
+        """Raises the errors of engine.errors: InvalidRequestError, EngineNotReady, QueueFull,
+        RequestTimedOut, GenerationError, WorkerGroupDied.
 
         Cancelling the awaiting task (a client that went away) or the timeout stops the request at
         its next denoising step.
@@ -138,9 +139,14 @@ class AsyncEngine:
         self._wake.set()
         try:
             result = await asyncio.wait_for(pending.future, timeout=self.config.request_timeout_s)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+        except asyncio.CancelledError:
             self._cancel(pending)
             raise
+        except asyncio.TimeoutError:
+            self._cancel(pending)
+            raise RequestTimedOut(
+                f"the request did not finish within the request timeout ({self.config.request_timeout_s:g} s)"
+            ) from None
         return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
 
     def _cancel(self, pending: _Pending) -> None:
@@ -245,7 +251,7 @@ class AsyncEngine:
             num_inference_steps=1, seed=0))
         result = group.submit(GenerationBatch([request]))[0].result()
         if isinstance(result, GenerationFailure):
-            raise GenerationError(f"warm-up generation failed: {result.message}")
+            raise GenerationError(f"warm-up generation failed: {error_for(result)}")
         logger.info("warm-up generation done in %.2f s", time.perf_counter() - started)
 
     def _on_death(self, reason: str) -> None:

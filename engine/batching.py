@@ -21,27 +21,20 @@ def batch_key(request: GenerationRequest) -> Hashable:
     """Requests with equal keys differ only in prompt, negative prompt and seed."""
     if request.images:  # input images are pipeline-wide: an edit request runs alone
         return ("alone", request.request_id)
-    return (
-        request.height,
-        request.width,
-        request.num_inference_steps,
-        request.guidance_scale,
-        request.true_cfg_scale,
-        request.max_sequence_length,
-        request.num_outputs,
-        request.negative_prompt is None,  # a pipeline takes negatives for all prompts or none
-    )
+    # A pipeline takes negative prompts for all prompts or for none.
+    return request.sampling, request.negative_prompt is None
 
 
 def take_batch(waiting: Sequence[HasRequest], max_images: int) -> list[HasRequest]:
     """The next batch: the oldest item plus compatible later ones (the oldest alone may exceed max_images)."""
     head = waiting[0]
-    key, images = batch_key(head.request), head.request.num_outputs
+    key, images = batch_key(head.request), head.request.sampling.num_outputs_per_prompt
     batch = [head]
     for item in waiting[1:]:
-        if images + item.request.num_outputs > max_images:
+        count = item.request.sampling.num_outputs_per_prompt
+        if images + count > max_images:
             break
         if batch_key(item.request) == key:
             batch.append(item)
-            images += item.request.num_outputs
+            images += count
     return batch

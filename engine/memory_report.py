@@ -12,6 +12,7 @@ import accelerate
 import diffusers
 import torch
 import transformers
+from workers.parallel_linear import shard_slices
 from workers.sharded_loading import build_meta_transformer
 from workers.tensor_parallel import apply_plan
 
@@ -33,7 +34,7 @@ class RankMemory:
 
 def _element_count(module: torch.nn.Module) -> tuple[int, int]:
     """(elements in tensor-parallel shards, elements replicated on every rank)."""
-    sharded = sum(p.numel() for p in module.parameters() if getattr(p, "tp_slices", None) is not None)
+    sharded = sum(p.numel() for p in module.parameters() if shard_slices(p) is not None)
     everything = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
     return sharded, everything - sharded
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
-from configs import FamilyConfig, SamplingDefaults, family_for_pipeline_class, load_family
+from configs import FamilyConfig, OmniDiffusionSamplingParams, family_for_pipeline_class, load_family
 
 from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
@@ -23,7 +23,7 @@ class ResolvedModel:
     name: str
     path: Path
     family: FamilyConfig
-    defaults: SamplingDefaults
+    defaults: OmniDiffusionSamplingParams
 
 
 def resolve_model(model: str) -> ResolvedModel:

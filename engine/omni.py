@@ -6,12 +6,13 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from workers import GenerationBatch, OmniDiffusionSamplingParams
+from configs import OmniDiffusionSamplingParams
+from workers import GenerationBatch
 
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
+from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.outputs import OmniRequestOutput, output_from_result
 from engine.worker_group import WorkerGroup
 
 
@@ -38,7 +39,11 @@ class Omni:
         prompts: str | dict | list[str | dict],
         sampling_params: OmniDiffusionSamplingParams | None = None,
     ) -> list[OmniRequestOutput]:
-        """One output per prompt, in order. Raises ValueError for bad input, GenerationError on failure."""
+        """One output per prompt, in order.
+
+        Raises InvalidRequestError (a ValueError) for bad input, GenerationError or WorkerGroupDied
+        on failure (engine.errors).
+        """
         params = sampling_params or OmniDiffusionSamplingParams()
         items = prompts if isinstance(prompts, list) else [prompts]
         requests = [build_request(self.model, PromptInput.from_user(item), params) for item in items]
@@ -55,6 +60,10 @@ class Omni:
     def rank_parameter_bytes(self) -> list[dict[str, int]]:
         """Per rank, the bytes each loaded component holds (followers: only their DiT shard)."""
         return [self._group.parameter_bytes[rank] for rank in range(self.parallel_config.tensor_parallel_size)]
+
+    def rank_pids(self) -> list[int]:
+        """The process id of every rank, rank 0 first (empty once closed)."""
+        return self._group.pids
 
     def close(self) -> None:
         self._group.close()

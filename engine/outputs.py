@@ -6,13 +6,9 @@ import time
 from dataclasses import dataclass, field
 
 from PIL import Image
-from workers import GROUP_BROKEN, GenerationFailure, GenerationRequest, GenerationResult
+from workers import GenerationFailure, GenerationRequest, GenerationResult
 
-from engine.worker_group import WorkerGroupDied
-
-
-class GenerationError(RuntimeError):
-    """The worker could not produce an image for a request."""
+from engine.errors import error_for
 
 
 @dataclass
@@ -30,11 +26,9 @@ class OmniRequestOutput:
 def output_from_result(
     request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0
 ) -> OmniRequestOutput:
-    """The output for `request`, or the error its failure stands for."""
+    """The output for `request`, or raise the error its failure stands for."""
     if isinstance(result, GenerationFailure):
-        if result.error_type == GROUP_BROKEN:
-            raise WorkerGroupDied(f"request {request.request_id} failed: a rank of the worker group died ({result.message})")
-        raise GenerationError(f"request {request.request_id} failed: {result.message}")
+        raise error_for(result)
     timings = {"total_s": time.perf_counter() - submitted, "inference_s": result.inference_s, "queue_s": queue_s}
     if result.step_s:
         timings["step_s"] = sum(result.step_s) / len(result.step_s)
@@ -44,7 +38,7 @@ def output_from_result(
         seed=request.seed,
         images=result.images,
         seeds=result.seeds,
-        num_inference_steps=request.num_inference_steps,
+        num_inference_steps=request.sampling.num_inference_steps,
         batch_images=result.batch_images,
         timings=timings,
     )

@@ -25,12 +25,19 @@ class DiffusionParallelConfig:
 
 
 def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto") -> WorkerSpec:
-    """Use CUDA when it has a device per rank, else the CPU with the cores shared between ranks."""
+    """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
     check_tensor_parallel_size(model, parallel.tensor_parallel_size)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     world_size = parallel.tensor_parallel_size
-    on_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < cuda_devices < world_size:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} needs {world_size} CUDA devices, one per rank, but this machine "
+            f"has {cuda_devices}: use a tensor-parallel size of at most {cuda_devices}, or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run every rank on the CPU"
+        )
+    on_cuda = cuda_devices > 0
     if dtype == "auto":
         dtype = "bfloat16" if on_cuda else "float32"
     return WorkerSpec(

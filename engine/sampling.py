@@ -6,22 +6,12 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
+from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from PIL import Image
-from workers import GenerationRequest, OmniDiffusionSamplingParams
+from workers import GenerationRequest
 
+from engine.errors import InvalidRequestError
 from engine.model_resolver import ResolvedModel
-
-class InvalidRequestError(ValueError):
-    """A request value that cannot work; `param` names it for API error bodies."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-MAX_OUTPUTS_PER_PROMPT = 10
-MAX_INFERENCE_STEPS = 200
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -37,12 +27,14 @@ class PromptInput:
         if isinstance(item, str):
             return cls(prompt=item)
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"a prompt must be a string or a dict with a string 'prompt', got {item!r:.80}")
+            raise InvalidRequestError(
+                f"a prompt must be a string or a dict with a string 'prompt', got {item!r:.80}", "prompt")
         image = (item.get("multi_modal_data") or {}).get("image")
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         for candidate in images:
             if not isinstance(candidate, Image.Image):
-                raise ValueError(f"multi_modal_data['image'] must be PIL images, got {type(candidate).__name__}")
+                raise InvalidRequestError(
+                    f"multi_modal_data['image'] must be PIL images, got {type(candidate).__name__}", "image")
         return cls(prompt=item["prompt"], negative_prompt=item.get("negative_prompt"), images=images)
 
 
@@ -51,8 +43,7 @@ def new_seed() -> int:
 
 
 def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> GenerationRequest:
-    """Fill unset values from the model's defaults and check every value; ValueError says what is wrong."""
-    defaults = model.defaults
+    """Fill unset values from the model's defaults and check every value; InvalidRequestError says what is wrong."""
     family = model.family
     if not prompt.prompt.strip():
         raise InvalidRequestError("prompt must not be empty", "prompt")
@@ -64,47 +55,23 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         raise InvalidRequestError(
             f"model {model.name!r} generates from text only and does not take input images", "image"
         )
-
-    steps = _first_set(params.num_inference_steps, defaults.num_inference_steps)
-    if not 1 <= steps <= MAX_INFERENCE_STEPS:
-        raise InvalidRequestError(
-            f"num_inference_steps={steps} must be between 1 and {MAX_INFERENCE_STEPS}", "num_inference_steps"
-        )
-    if not 1 <= params.num_outputs_per_prompt <= MAX_OUTPUTS_PER_PROMPT:
-        raise InvalidRequestError(
-            f"num_outputs_per_prompt={params.num_outputs_per_prompt} must be between 1 and {MAX_OUTPUTS_PER_PROMPT}",
-            "num_outputs_per_prompt",
-        )
     seed = new_seed() if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED:
         raise InvalidRequestError(f"seed={seed} must be between 0 and {MAX_SEED}", "seed")
+    try:
+        sampling = SamplingParams.resolve(params, model.defaults)
+        for name in ("height", "width"):
+            if getattr(sampling, name) is not None:
+                family.size.check_side(name, getattr(sampling, name))
+    except SamplingValueError as exc:
+        raise InvalidRequestError(str(exc), exc.param) from None
 
-    height = _first_set(params.height, defaults.height)
-    width = _first_set(params.width, defaults.width)
-    if (height is None) != (width is None):  # one side given, no default: square
-        height = width = _first_set(height, width)
-    for name, value in (("height", height), ("width", width)):
-        if value is not None:
-            try:
-                family.size.check_side(name, value)
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), name) from None
-
+    negatives = (prompt.negative_prompt, params.negative_prompt, model.defaults.negative_prompt)
     return GenerationRequest(
         request_id=str(uuid.uuid4()),
         prompt=prompt.prompt,
         seed=seed,
-        num_inference_steps=steps,
-        num_outputs=params.num_outputs_per_prompt,
-        negative_prompt=_first_set(prompt.negative_prompt, params.negative_prompt, defaults.negative_prompt),
-        guidance_scale=_first_set(params.guidance_scale, defaults.guidance_scale),
-        true_cfg_scale=_first_set(params.true_cfg_scale, defaults.true_cfg_scale),
-        height=height,
-        width=width,
-        max_sequence_length=_first_set(params.max_sequence_length, defaults.max_sequence_length),
+        sampling=sampling,
+        negative_prompt=next((n for n in negatives if n is not None), None),
         images=prompt.images,
     )
-
-
-def _first_set(*values):
-    return next((v for v in values if v is not None), None)

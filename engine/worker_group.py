@@ -7,13 +7,15 @@ Future at once when any rank dies, so no caller waits on a group that cannot ans
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing.spawn
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import torch.multiprocessing as mp
@@ -27,24 +29,45 @@ from workers import (
 )
 from workers.worker_process import run_worker
 
+from engine.errors import WorkerGroupDied, WorkerStartupError
+
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _STOP_GRACE_S = 10.0
-
-
-class WorkerStartupError(RuntimeError):
-    """A rank failed while loading; the message carries the rank's own traceback."""
-
-
-class WorkerGroupDied(RuntimeError):
-    """A rank process exited while requests were pending."""
+_spawn_lock = threading.Lock()
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _main_module_left_out() -> Iterator[None]:
+    """Spawn ranks without re-running the caller's __main__ in them.
+
+    multiprocessing's spawn re-imports the parent's main script in every child so that objects
+    defined there can be unpickled. A rank needs nothing from it (its target and arguments live in
+    workers/), and re-running a script without an `if __name__ == "__main__":` guard would make
+    each rank start ranks of its own. So the two entries that ask for it are dropped from the
+    data the child prepares from, while our ranks start.
+    """
+    original = multiprocessing.spawn.get_preparation_data
+
+    def preparation_data(name: str) -> dict:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _spawn_lock:
+        multiprocessing.spawn.get_preparation_data = preparation_data
+        try:
+            yield
+        finally:
+            multiprocessing.spawn.get_preparation_data = original
 
 
 def usable_cores() -> int:
@@ -62,6 +85,9 @@ class WorkerGroup:
         self.on_death = on_death
         self.startup_timeout_s = startup_timeout_s
         self._context = mp.get_context("spawn")
+        self._requests = self._context.Queue()  # batches, to the driver
+        self._cancels = self._context.Queue()  # cancelled request ids, to the driver
+        self._events = self._context.Queue()  # ready, results and failures, from every rank
         self._processes: list = []
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -73,20 +99,18 @@ class WorkerGroup:
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Spawn every rank and wait until all have loaded; raise WorkerStartupError otherwise."""
-        self._requests = self._context.Queue()
-        self._cancels = self._context.Queue()
-        self._events = self._context.Queue()
-        for rank in range(self.spec.world_size):
-            driver_queues = (self._requests, self._cancels) if rank == 0 else (None, None)
-            process = self._context.Process(
-                target=run_worker,
-                args=(rank, self.spec, *driver_queues, self._events),
-                name=f"ditserve-rank{rank}",
-                daemon=True,
-            )
-            process.start()
-            self._processes.append(process)
         try:
+            with _main_module_left_out():
+                for rank in range(self.spec.world_size):
+                    driver_queues = (self._requests, self._cancels) if rank == 0 else (None, None)
+                    process = self._context.Process(
+                        target=run_worker,
+                        args=(rank, self.spec, *driver_queues, self._events),
+                        name=f"ditserve-rank{rank}",
+                        daemon=True,
+                    )
+                    process.start()
+                    self._processes.append(process)
             self._wait_ready()
         except BaseException:
             self.close()
@@ -106,7 +130,11 @@ class WorkerGroup:
             except queue.Empty:
                 dead = self._dead_ranks()
                 if dead:
-                    raise WorkerStartupError(f"rank(s) {dead} exited during startup without reporting an error")
+                    codes = ", ".join(f"rank {r}: exit code {self._processes[r].exitcode}" for r in dead)
+                    raise WorkerStartupError(
+                        f"rank(s) {dead} exited during startup without reporting an error ({codes}); "
+                        "their own output on stderr says why"
+                    )
                 continue
             if isinstance(event, WorkerStartupFailed):
                 raise WorkerStartupError(f"rank {event.rank} failed to load the model:\n{event.message}")
@@ -133,7 +161,12 @@ class WorkerGroup:
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=2.0)
         self._fail_pending(WorkerGroupDied("the worker group was shut down"))
+        for process in self._processes:
+            process.close()
         self._processes = []
+        for channel in (self._requests, self._cancels, self._events):
+            channel.cancel_join_thread()  # the ranks are gone: nothing left to flush to them
+            channel.close()
 
     # requests --------------------------------------------------------------------------------
     def submit(self, batch: GenerationBatch) -> list[Future]:
@@ -181,6 +214,8 @@ class WorkerGroup:
         while not self._stopping.is_set():
             try:
                 event = self._events.get(timeout=_POLL_S)
+            except (ValueError, OSError):  # closed under us by close()
+                return
             except queue.Empty:
                 reason = None if self._stopping.is_set() else self.failure
                 if reason is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import sys
 import pydantic
 import torch
 import uvicorn
-from configs import SamplingDefaults
+from configs import OmniDiffusionSamplingParams
 from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
 from engine.parallel_config import DTYPES
 from engine.memory_report import format_report, memory_report
@@ -89,13 +90,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sampling_overrides(text: str | None) -> SamplingDefaults:
+def _sampling_overrides(text: str | None) -> OmniDiffusionSamplingParams:
     if not text:
-        return SamplingDefaults()
+        return OmniDiffusionSamplingParams()
     try:
-        return SamplingDefaults.model_validate(json.loads(text))
+        return pydantic.TypeAdapter(OmniDiffusionSamplingParams).validate_python(json.loads(text))
     except (json.JSONDecodeError, pydantic.ValidationError) as exc:
-        fields = ", ".join(SamplingDefaults.model_fields)
+        fields = ", ".join(f.name for f in dataclasses.fields(OmniDiffusionSamplingParams))
         raise SystemExit(f"serve: error: --default-sampling-params must be a JSON object with fields {fields}: {exc}")
 
 
@@ -117,22 +118,18 @@ def serve_main(argv: list[str] | None = None) -> None:
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        parallel = DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
-        for flag in ("max_batch_size", "max_queue_size"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        engine = AsyncEngine(EngineConfig(
+            model=args.model,
+            parallel=DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
+            dtype=args.dtype,
+            default_overrides=_sampling_overrides(args.default_sampling_params),
+            max_queue_size=args.max_queue_size,
+            max_batch_size=args.max_batch_size,
+            request_timeout_s=args.request_timeout,
+        ))
         resolve_model(args.model)  # a bad name fails here, before anything starts
     except ValueError as exc:
         raise SystemExit(f"serve: error: {exc}")
-    engine = AsyncEngine(EngineConfig(
-        model=args.model,
-        parallel=parallel,
-        dtype=args.dtype,
-        default_overrides=_sampling_overrides(args.default_sampling_params),
-        max_queue_size=args.max_queue_size,
-        max_batch_size=args.max_batch_size,
-        request_timeout_s=args.request_timeout,
-    ))
     settings = ServerSettings(
         model=args.model,
         served_model_name=args.served_model_name or args.model,

@@ -4,72 +4,55 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 
-import pydantic
-from engine import (
-    AsyncEngine,
-    EngineNotReady,
-    GenerationError,
-    InvalidRequestError,
-    OmniDiffusionSamplingParams,
-    OmniRequestOutput,
-    PromptInput,
-    QueueFull,
-    WorkerGroupDied,
-)
-from fastapi import APIRouter, Request
+from engine import AsyncEngine, OmniRequestOutput, PromptInput
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError, invalid
 from server.image_codec import MEDIA_TYPES, decode_upload, encode
 from server.image_store import ImageStore
-from server.schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, validation_error
+from server.request_recorder import RequestLog, request_log
+from server.schemas import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequest, ImagesResponse
 from server.settings import ServerSettings
 
 _DISCONNECT_POLL_S = 0.05
-
-# Engine parameter names as the API knows them.
-_API_PARAM = {"height": "size", "width": "size", "num_outputs_per_prompt": "n"}
 
 
 def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageStore) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/images/generations")
-    async def generations(request: Request) -> dict:
-        body = await _json_body(request)
-        try:
-            api_request = ImageGenerationRequest.model_validate(body)
-        except pydantic.ValidationError as error:
-            raise validation_error(error) from None
-        _check_model_and_task(api_request, engine, settings, edit=False)
-        prompt = PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt)
-        outputs = await _generate_all(request, engine, settings, [prompt], api_request)
-        return await _response(request, api_request, outputs, store)
+    @router.post("/v1/images/generations", response_model_exclude_none=True,
+                 dependencies=[Depends(_requires_json)])
+    async def generations(
+        body: ImageGenerationRequest, request: Request, log: RequestLog = Depends(request_log)
+    ) -> ImagesResponse:
+        _check_model_and_task(body, engine, settings, edit=False)
+        prompt = PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt)
+        outputs = await _generate_all(request, engine, settings, [prompt], body, log)
+        return await _response(request, body, outputs, store)
 
-    @router.post("/v1/images/edits")
-    async def edits(request: Request) -> dict:
+    @router.post(
+        "/v1/images/edits", response_model_exclude_none=True,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": ImageEditRequest.form_schema()}}}},
+    )
+    async def edits(request: Request, log: RequestLog = Depends(request_log)) -> ImagesResponse:
         fields, images, mask = await _multipart(request, settings.max_upload_bytes)
-        try:
-            api_request = ImageEditRequest.model_validate(fields)
-        except pydantic.ValidationError as error:
-            raise validation_error(error) from None
-        _check_model_and_task(api_request, engine, settings, edit=True)
+        body = ImageEditRequest.model_validate(fields)
+        _check_model_and_task(body, engine, settings, edit=True)
         if mask is not None:
             raise invalid(
                 f"mask is not supported by model {settings.served_model_name!r}: it edits the whole image",
                 "mask", "unsupported_parameter",
             )
         # Each input image is edited on its own with the same prompt: n outputs per image.
-        prompts = [
-            PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt, images=[image])
-            for image in images
-        ]
-        outputs = await _generate_all(request, engine, settings, prompts, api_request)
-        return await _response(request, api_request, outputs, store)
+        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=[image])
+                   for image in images]
+        outputs = await _generate_all(request, engine, settings, prompts, body, log)
+        return await _response(request, body, outputs, store)
 
     return router
 
@@ -80,15 +63,8 @@ def _require_content_type(request: Request, expected: str) -> None:
         raise APIError(415, f"content-type must be {expected}, got {content_type or 'none'!r}", code="unsupported_media_type")
 
 
-async def _json_body(request: Request) -> dict:
+def _requires_json(request: Request) -> None:
     _require_content_type(request, "application/json")
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object", code="invalid_json")
-    return body
 
 
 async def _multipart(request: Request, max_bytes: int):
@@ -126,8 +102,6 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
             404, f"model {api_request.model!r} is not served here; available: {settings.served_model_name!r}",
             "model", "model_not_found",
         )
-    api_request.requested_size()
-    api_request.check_supported()
     if engine.model is not None and engine.model.family.is_edit != edit:
         endpoint = "/v1/images/edits" if engine.model.family.is_edit else "/v1/images/generations"
         kind = "edits images" if engine.model.family.is_edit else "generates images from text"
@@ -136,13 +110,12 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
 
 async def _generate_all(
     request: Request, engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput],
-    api_request: ImageRequest,
+    api_request: ImageRequest, log: RequestLog,
 ) -> list[OmniRequestOutput]:
     """Run every prompt; if the client goes away first, cancel them (they stop at the next step)."""
-    model = api_request.model or settings.served_model_name
-    request.state.log_fields = {"model": model, "size": api_request.size, "n": api_request.n}
-    params = _sampling_params(api_request)
-    work = asyncio.ensure_future(asyncio.gather(*(_generate(engine, prompt, params) for prompt in prompts)))
+    log.add(model=api_request.model or settings.served_model_name, size=api_request.size, n=api_request.n)
+    params = api_request.sampling_params()
+    work = asyncio.ensure_future(asyncio.gather(*(engine.generate(prompt, params) for prompt in prompts)))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,10 +126,8 @@ async def _generate_all(
         raise APIError(499, "the client closed the connection; the request was cancelled", code="client_disconnected")
     outputs = work.result()
     first = outputs[0]
-    request.state.log_fields.update(
-        steps=first.num_inference_steps, batch=first.batch_images, queue_wait=f"{first.timings['queue_s']:.3f}s",
-        seed=first.seed,
-    )
+    log.add(steps=first.num_inference_steps, batch=first.batch_images, queue_wait=f"{first.timings['queue_s']:.3f}s",
+            seed=first.seed)
     return outputs
 
 
@@ -165,37 +136,9 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-def _sampling_params(api_request: ImageRequest) -> OmniDiffusionSamplingParams:
-    height, width = api_request.requested_size()
-    return OmniDiffusionSamplingParams(
-        num_inference_steps=api_request.num_inference_steps,
-        guidance_scale=api_request.guidance_scale,
-        true_cfg_scale=api_request.true_cfg_scale,
-        height=height,
-        width=width,
-        seed=api_request.seed,
-        num_outputs_per_prompt=api_request.n,
-    )
-
-
-async def _generate(engine: AsyncEngine, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
-    try:
-        return await engine.generate(prompt, params)
-    except InvalidRequestError as exc:
-        raise invalid(str(exc), _API_PARAM.get(exc.param, exc.param)) from None
-    except EngineNotReady as exc:
-        raise APIError(503, str(exc), code="model_not_ready", retryable=True, headers={"retry-after": "5"}) from None
-    except QueueFull as exc:
-        raise APIError(429, str(exc), code="queue_full", retryable=True, headers={"retry-after": "1"}) from None
-    except asyncio.TimeoutError:
-        raise APIError(504, "the request did not finish within the server's request timeout", code="timeout") from None
-    except WorkerGroupDied as exc:
-        raise APIError(503, str(exc), code="worker_died", retryable=True) from None
-    except GenerationError as exc:
-        raise APIError(500, str(exc), code="generation_failed") from None
-
-
-async def _response(request: Request, api_request: ImageRequest, outputs: list[OmniRequestOutput], store: ImageStore) -> dict:
+async def _response(
+    request: Request, api_request: ImageRequest, outputs: list[OmniRequestOutput], store: ImageStore
+) -> ImagesResponse:
     fmt = api_request.output_format
     data = []
     for output in outputs:
@@ -203,17 +146,16 @@ async def _response(request: Request, api_request: ImageRequest, outputs: list[O
             encoded = await run_in_threadpool(encode, image, fmt, api_request.output_compression)
             if api_request.response_format == "url":
                 token = store.put(encoded, MEDIA_TYPES[fmt])
-                item = {"url": str(request.url_for("image_file", token=token))}  # route in server.app
+                data.append(ImageData(url=str(request.url_for("image_file", token=token)), seed=seed))  # route in server.app
             else:
-                item = {"b64_json": base64.b64encode(encoded).decode("ascii")}
-            data.append({**item, "revised_prompt": None, "seed": seed})
+                data.append(ImageData(b64_json=base64.b64encode(encoded).decode("ascii"), seed=seed))
     first = outputs[0].images[0]
-    return {
-        "created": int(time.time()),
-        "data": data,
-        "output_format": fmt,
-        "size": f"{first.width}x{first.height}",
-        "quality": api_request.quality or "auto",
-        "background": "opaque",
-        "seed": outputs[0].seed,
-    }
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=fmt,
+        size=f"{first.width}x{first.height}",
+        quality=api_request.quality or "auto",
+        background="opaque",
+        seed=outputs[0].seed,
+    )

@@ -1,7 +1,8 @@
 """ASGI middleware: a request id on every response, and one log line plus metrics per image request.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps `receive` and would hide a
-client's disconnect from the routes that watch for it.
+client's disconnect from the routes that watch for it. The image routes receive this request's
+RequestLog as a dependency and fill in what they learn (model, size, seed, ...).
 """
 
 from __future__ import annotations
@@ -9,12 +10,30 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from engine.metrics import Metrics
+from fastapi import Request
 
 logger = logging.getLogger("ditserve.requests")
 
 IMAGE_ROUTES = {"/v1/images/generations": "generations", "/v1/images/edits": "edits"}
+
+
+@dataclass
+class RequestLog:
+    """The fields of one request's log line, beyond id, route, status and time."""
+
+    request_id: str
+    fields: dict[str, object] = field(default_factory=dict)
+
+    def add(self, **fields: object) -> None:
+        self.fields.update(fields)
+
+
+def request_log(request: Request) -> RequestLog:
+    """FastAPI dependency: this request's RequestLog, made by RequestRecorder."""
+    return request.scope["state"]["request_log"]
 
 
 class RequestRecorder:
@@ -25,17 +44,15 @@ class RequestRecorder:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = str(uuid.uuid4())
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        log = RequestLog(str(uuid.uuid4()))
+        scope.setdefault("state", {})["request_log"] = log
         started, status = time.perf_counter(), 500
 
         async def send_with_id(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", log.request_id.encode())]
             await send(message)
 
         try:
@@ -46,5 +63,5 @@ class RequestRecorder:
                 seconds = time.perf_counter() - started
                 self.metrics.requests.labels(route, str(status)).inc()
                 self.metrics.request_seconds.labels(route).observe(seconds)
-                fields = " ".join(f"{k}={v}" for k, v in state.get("log_fields", {}).items())
-                logger.info("%s %s status=%d time=%.3fs %s", request_id, route, status, seconds, fields)
+                fields = " ".join(f"{k}={v}" for k, v in log.fields.items())
+                logger.info("%s %s status=%d time=%.3fs %s", log.request_id, route, status, seconds, fields)

@@ -1,15 +1,29 @@
-"""Request bodies of the OpenAI Images API plus ditserve's sampling extensions, validated once."""
+"""Request and response bodies of the OpenAI Images API plus ditserve's extensions, validated once.
+
+Bounds come from the engine's own limits (configs/sampling.py), so the two can never disagree.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from server.errors import APIError, invalid
+from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_SEED
+from engine import OmniDiffusionSamplingParams
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+# OmniDiffusionSamplingParams field -> the API field that sets it, where the names differ.
+_API_FIELD = {"num_outputs_per_prompt": "n"}
+# The API field to name in an error the engine raises about one of its fields.
+API_PARAM = {"height": "size", "width": "size", **_API_FIELD}
+
+
+def _unsupported(message: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported_value", "{message}", {"message": message})
 
 
 class ImageRequest(BaseModel):
@@ -19,8 +33,8 @@ class ImageRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
-    size: str | None = "auto"
+    n: int = Field(1, ge=1, le=MAX_OUTPUTS_PER_PROMPT)
+    size: str | None = Field("auto", description="WIDTHxHEIGHT such as '1024x1024', or 'auto' (the model's default)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int = Field(100, ge=0, le=100)
@@ -31,30 +45,46 @@ class ImageRequest(BaseModel):
     stream: bool = False
     partial_images: int | None = Field(None, ge=0, le=3)
     # ditserve extensions (the SDK sends them through extra_body)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(None, max_length=32000)
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(None, ge=0, le=100)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
+    true_cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
 
-    def requested_size(self) -> tuple[int | None, int | None]:
-        """(height, width) asked for; (None, None) for "auto" (the model's default)."""
-        if self.size in (None, "auto"):
-            return None, None
-        match = _SIZE.match(self.size)
-        if not match:
-            raise invalid(f"size={self.size!r} is not 'auto' or WIDTHxHEIGHT such as '1024x1024'", "size")
-        width, height = int(match.group(1)), int(match.group(2))
-        return height, width
+    @field_validator("size")
+    @classmethod
+    def _size_is_auto_or_width_x_height(cls, size: str | None) -> str | None:
+        if size not in (None, "auto") and not _SIZE.match(size):
+            raise PydanticCustomError(
+                "invalid_value", "size={size!r} is not 'auto' or WIDTHxHEIGHT such as '1024x1024'", {"size": size})
+        return size
 
-    def check_supported(self) -> None:
-        if self.stream:
-            raise invalid("stream=true is not supported yet; send stream=false", "stream", "unsupported_value")
-        if self.background == "transparent":
-            raise invalid(
-                "background='transparent' is not supported: these models produce opaque images; use 'opaque' or 'auto'",
-                "background", "unsupported_value",
-            )
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming_yet(cls, stream: bool) -> bool:
+        if stream:
+            raise _unsupported("stream=true is not supported yet; send stream=false")
+        return stream
+
+    @field_validator("background")
+    @classmethod
+    def _opaque_only(cls, background: str | None) -> str | None:
+        if background == "transparent":
+            raise _unsupported(
+                "background='transparent' is not supported: these models produce opaque images; use 'opaque' or 'auto'")
+        return background
+
+    def sampling_params(self) -> OmniDiffusionSamplingParams:
+        """The engine's view of this request: every sampling field of the same name, and the size."""
+        values: dict[str, Any] = {}
+        match = _SIZE.match(self.size or "")
+        if match:
+            values["width"], values["height"] = int(match.group(1)), int(match.group(2))
+        for field in dataclasses.fields(OmniDiffusionSamplingParams):
+            api_name = _API_FIELD.get(field.name, field.name)
+            if api_name in type(self).model_fields:
+                values[field.name] = getattr(self, api_name)
+        return OmniDiffusionSamplingParams(**values)
 
 
 class ImageGenerationRequest(ImageRequest):
@@ -63,15 +93,37 @@ class ImageGenerationRequest(ImageRequest):
 
 
 class ImageEditRequest(ImageRequest):
+    """The text fields of the multipart edit form; the files (image, image[], mask) come beside them."""
+
     input_fidelity: Literal["high", "low"] | None = None
 
+    @classmethod
+    def form_schema(cls) -> dict[str, Any]:
+        """OpenAPI schema of the whole multipart body: these fields plus the image files."""
+        schema = cls.model_json_schema()
+        binary = {"type": "string", "format": "binary"}
+        schema["properties"] = {
+            "image": {"anyOf": [binary, {"type": "array", "items": binary}],
+                      "description": "the image(s) to edit; several may also be sent as image[]"},
+            "mask": {**binary, "description": "not supported yet"},
+            **schema["properties"],
+        }
+        schema["required"] = ["image", *schema.get("required", [])]
+        return schema
 
-def validation_error(error) -> APIError:
-    """The first pydantic error as a 400 naming its field."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    code = "unknown_parameter" if first["type"] == "extra_forbidden" else (
-        "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-    )
-    message = f"unknown parameter: {param}" if code == "unknown_parameter" else f"{param}: {first['msg']}"
-    return invalid(message, param, code)
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int = Field(description="the seed this image was drawn from: send it back to reproduce the image")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str
+    quality: str
+    background: Literal["opaque"]
+    seed: int = Field(description="the request's seed; image i was drawn from seed + i")

@@ -1,30 +1,16 @@
 """Everything that crosses the boundary between the engine and the rank processes.
 
-These live in the lowest layer so that workers never import the engine; the engine re-exports
-the user-facing ones (`OmniDiffusionSamplingParams`).
+These live in the lowest layer so that workers never import the engine.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configs import SamplingParams
 from PIL import Image
-
-
-@dataclass
-class OmniDiffusionSamplingParams:
-    """What a caller may ask for; every field left as None takes the model family's default."""
-
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    true_cfg_scale: float | None = None
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    seed: int | None = None
-    num_outputs_per_prompt: int = 1
-    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -46,21 +32,19 @@ class GenerationRequest:
 
     request_id: str
     prompt: str
-    seed: int
-    num_inference_steps: int
-    num_outputs: int = 1
+    seed: int  # image i is drawn from seed + i
+    sampling: SamplingParams
     negative_prompt: str | None = None
-    guidance_scale: float | None = None
-    true_cfg_scale: float | None = None
-    height: int | None = None
-    width: int | None = None
-    max_sequence_length: int | None = None
     images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def image_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.sampling.num_outputs_per_prompt)]
 
 
 @dataclass
 class GenerationBatch:
-    """Requests that share every pipeline-wide value (size, steps, guidance, n) and run as one call."""
+    """Requests with equal SamplingParams (and negative-prompt presence) that run as one call."""
 
     requests: list[GenerationRequest]
 
@@ -75,15 +59,19 @@ class GenerationResult:
     batch_images: int  # images in the pipeline call this request was part of
 
 
-GROUP_BROKEN = "group_broken"  # GenerationFailure.error_type when a peer rank failed
-CANCELLED = "cancelled"  # ... when the engine cancelled the request
+class FailureKind(enum.Enum):
+    """Why a rank could not produce a request's images."""
+
+    CANCELLED = "cancelled"  # the engine cancelled it (client gone, timeout, Ctrl-C)
+    GROUP_BROKEN = "group_broken"  # a collective failed: a peer rank died
+    PIPELINE_ERROR = "pipeline_error"  # the pipeline raised for this batch; the group still serves
 
 
 @dataclass
 class GenerationFailure:
     request_id: str
     message: str
-    error_type: str
+    kind: FailureKind
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Megatron-style tensor-parallel Linear layers that hold only this rank's slice of the weight.
 
-Each parameter records which ranges of which dimension of the full checkpoint tensor it holds
-(`tp_slices`), so the loader can read exactly that slice from the safetensors file.
+Each sharded parameter records which ranges of which dimension of the full checkpoint tensor it
+holds (`shard_slices`), so the loader reads exactly that slice from the safetensors file.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +17,33 @@ from workers import parallel_state
 Ranges = list[tuple[int, int]]
 
 
-def _parameter(shape: tuple[int, ...], dim: int | None, ranges: Ranges | None, **factory) -> nn.Parameter:
+@dataclass(frozen=True)
+class ShardSlices:
+    dim: int
+    ranges: Ranges
+
+    @property
+    def width(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+
+def shard_slices(parameter: torch.Tensor) -> ShardSlices | None:
+    """The part of the full checkpoint tensor `parameter` holds; None when it holds all of it."""
+    return getattr(parameter, "_shard_slices", None)
+
+
+def set_shard_slices(parameter: torch.Tensor, slices: ShardSlices | None) -> None:
+    parameter._shard_slices = slices
+
+
+def _parameter(shape: tuple[int, ...], slices: ShardSlices | None, **factory) -> nn.Parameter:
     parameter = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
-    parameter.tp_slices = None if dim is None else (dim, ranges)
+    set_shard_slices(parameter, slices)
     return parameter
 
 
-def _width(ranges: Ranges) -> int:
-    return sum(end - start for start, end in ranges)
+def _describe(ranges: Ranges) -> str:
+    return "+".join(f"[{start}:{end}]" for start, end in ranges)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -30,12 +51,17 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_ranges: Ranges, bias: bool, **factory):
         super().__init__()
-        self.in_features, self.out_features = in_features, _width(out_ranges)
-        self.weight = _parameter((self.out_features, in_features), 0, out_ranges, **factory)
-        self.bias = _parameter((self.out_features,), 0, out_ranges, **factory) if bias else None
+        slices = ShardSlices(0, out_ranges)
+        self.in_features, self.out_features = in_features, slices.width
+        self.weight = _parameter((self.out_features, in_features), slices, **factory)
+        self.bias = _parameter((self.out_features,), slices, **factory) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        ranges = _describe(shard_slices(self.weight).ranges)
+        return f"in_features={self.in_features}, out_features={ranges}, bias={self.bias is not None}, no all-reduce"
 
 
 class RowParallelLinear(nn.Module):
@@ -43,10 +69,15 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_ranges: Ranges, out_features: int, bias: bool, **factory):
         super().__init__()
-        self.in_features, self.out_features = _width(in_ranges), out_features
-        self.weight = _parameter((out_features, self.in_features), 1, in_ranges, **factory)
-        self.bias = _parameter((out_features,), None, None, **factory) if bias else None
+        slices = ShardSlices(1, in_ranges)
+        self.in_features, self.out_features = slices.width, out_features
+        self.weight = _parameter((out_features, self.in_features), slices, **factory)
+        self.bias = _parameter((out_features,), None, **factory) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = parallel_state.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        ranges = _describe(shard_slices(self.weight).ranges)
+        return f"in_features={ranges}, out_features={self.out_features}, bias={self.bias is not None}, all-reduce"

@@ -1,10 +1,14 @@
-"""The tensor-parallel process group of this rank process, asked for by name from anywhere."""
+"""The tensor-parallel process group of this rank process, asked for by name from anywhere.
+
+`initialize` runs once per rank process; every getter fails loudly before it, so a sharded layer
+can never silently run as if it were alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import datetime
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,22 +24,29 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 @dataclass
 class _State:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    rank: int
+    world_size: int
+    device: torch.device
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
     broken: bool = False
-    shm_all_reduce: "SharedMemoryAllReduce | None" = None
+    shm_all_reduce: SharedMemoryAllReduce | None = None
 
 
-_state = _State()
+_state: _State | None = None
+
+
+def _current() -> _State:
+    if _state is None:
+        raise RuntimeError("parallel_state.initialize() has not run in this process: it is not a rank process")
+    return _state
 
 
 def initialize(rank: int, world_size: int, device_type: str, master_port: int) -> None:
-    """Join the group (NCCL on CUDA, gloo on CPU) over loopback; a no-op at world size 1."""
+    """Join the group (NCCL on CUDA, gloo on CPU) over loopback; no process group at world size 1."""
+    global _state
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    _state.rank, _state.world_size, _state.device = rank, world_size, device
+    _state = _State(rank, world_size, device)
     if world_size == 1:
         return
     dist.init_process_group(
@@ -57,27 +68,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def tp_rank() -> int:
-    return _state.rank
-
-
-def tp_size() -> int:
-    return _state.world_size
-
-
 def device() -> torch.device:
-    return _state.device
+    return _current().device
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the group in place (counted, for the benchmarks)."""
-    if _state.world_size == 1:
+    state = _current()
+    if state.world_size == 1:
         return tensor
-    _state.all_reduce_calls += 1
-    _state.all_reduce_bytes += tensor.numel() * tensor.element_size()
+    state.all_reduce_calls += 1
+    state.all_reduce_bytes += tensor.numel() * tensor.element_size()
     with collective():
-        if _state.shm_all_reduce is not None:
-            _state.shm_all_reduce(tensor)
+        if state.shm_all_reduce is not None:
+            state.shm_all_reduce(tensor)
         else:
             dist.all_reduce(tensor)
     return tensor
@@ -86,20 +90,23 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def collective() -> Iterator[None]:
     """Wrap every collective: one that fails (a peer died, a timeout) breaks the whole group."""
+    state = _current()
     try:
         yield
     except Exception:
-        _state.broken = True
+        state.broken = True
         raise
 
 
 def group_broken() -> bool:
-    return _state.broken
+    return _current().broken
 
 
 def all_reduce_counters() -> tuple[int, int]:
-    return _state.all_reduce_calls, _state.all_reduce_bytes
+    state = _current()
+    return state.all_reduce_calls, state.all_reduce_bytes
 
 
 def reset_all_reduce_counters() -> None:
-    _state.all_reduce_calls = _state.all_reduce_bytes = 0
+    state = _current()
+    state.all_reduce_calls = state.all_reduce_bytes = 0

@@ -11,7 +11,7 @@ import diffusers
 import torch
 from configs import load_family
 
-from workers.messages import GenerationBatch, GenerationRequest, GenerationResult, WorkerSpec
+from workers.messages import GenerationBatch, GenerationResult, WorkerSpec
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 
@@ -46,21 +46,14 @@ class PipelineRunner:
         def per_prompt(values: list) -> Any:  # a lone request passes plain values, as a diffusers user would
             return values[0] if len(values) == 1 else values
 
-        images = first.images[0] if len(first.images) == 1 else first.images or None
         arguments = {
+            **first.sampling.pipeline_arguments(),
             "prompt": per_prompt([r.prompt for r in requests]),
             "negative_prompt": None if first.negative_prompt is None else per_prompt([r.negative_prompt for r in requests]),
-            "image": images,
-            "num_inference_steps": first.num_inference_steps,
-            "guidance_scale": first.guidance_scale,
-            "true_cfg_scale": first.true_cfg_scale,
-            "height": first.height,
-            "width": first.width,
-            "num_images_per_prompt": first.num_outputs,
-            "max_sequence_length": first.max_sequence_length,
+            "image": first.images[0] if len(first.images) == 1 else first.images or None,
             # Noise always comes from CPU generators on the driver, one per image (seed + i), so an
             # image is the same on any device, at any tensor-parallel size and in any batch.
-            "generator": [torch.Generator("cpu").manual_seed(seed) for r in requests for seed in image_seeds(r)],
+            "generator": [torch.Generator("cpu").manual_seed(seed) for r in requests for seed in r.image_seeds],
         }
         return {k: v for k, v in arguments.items() if v is not None and k in self._accepted}
 
@@ -84,17 +77,14 @@ class PipelineRunner:
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
         results, offset = [], 0
         for request in batch.requests:
+            count = request.sampling.num_outputs_per_prompt
             results.append(GenerationResult(
                 request_id=request.request_id,
-                images=images[offset : offset + request.num_outputs],
-                seeds=image_seeds(request),
+                images=images[offset : offset + count],
+                seeds=request.image_seeds,
                 inference_s=inference_s,
                 step_s=step_s,
                 batch_images=len(images),
             ))
-            offset += request.num_outputs
+            offset += count
         return results
-
-
-def image_seeds(request: GenerationRequest) -> list[int]:
-    return [request.seed + i for i in range(request.num_outputs)]

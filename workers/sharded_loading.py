@@ -17,6 +17,7 @@ from configs import FamilyConfig
 from safetensors import safe_open
 from torch import nn
 
+from workers.parallel_linear import ShardSlices, set_shard_slices, shard_slices
 from workers.tensor_parallel import apply_plan
 
 
@@ -82,23 +83,22 @@ def _load_parameters(model: nn.Module, files: dict[str, Path], device: torch.dev
     for path, names in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as handle:
             for name in names:
-                tensor = _read(handle, name, getattr(wanted[name], "tp_slices", None))
+                tensor = _read(handle, name, shard_slices(wanted[name]))
                 if tensor.is_floating_point():
                     tensor = tensor.to(_dtype_for(model, name, dtype))
                 _assign(model, name, tensor.to(device), wanted[name])
 
 
-def _read(handle, name: str, tp_slices) -> torch.Tensor:
-    if tp_slices is None:
+def _read(handle, name: str, slices: ShardSlices | None) -> torch.Tensor:
+    if slices is None:
         return handle.get_tensor(name)
-    dim, ranges = tp_slices
     view = handle.get_slice(name)
     index = [slice(None)] * len(view.get_shape())
     parts = []
-    for start, end in ranges:
-        index[dim] = slice(start, end)
+    for start, end in slices.ranges:
+        index[slices.dim] = slice(start, end)
         parts.append(view[tuple(index)])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=slices.dim)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
@@ -108,8 +108,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, current: torch.Te
     owner = model.get_submodule(owner_name) if owner_name else model
     if attribute in owner._parameters:
         replacement = nn.Parameter(tensor, requires_grad=False)
-        if getattr(current, "tp_slices", None) is not None:
-            replacement.tp_slices = current.tp_slices
+        set_shard_slices(replacement, shard_slices(current))
         owner._parameters[attribute] = replacement
     else:
         owner._buffers[attribute] = tensor

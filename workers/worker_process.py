@@ -10,18 +10,21 @@ import collections
 import logging
 import multiprocessing
 import queue
+import signal
+import sys
+import threading
 import time
 import traceback
 
 import diffusers
 import torch
+import tqdm
 import transformers
 from configs import load_family
 
 from workers import forward_broadcast, parallel_state
 from workers.messages import (
-    CANCELLED,
-    GROUP_BROKEN,
+    FailureKind,
     GenerationBatch,
     GenerationFailure,
     WorkerReady,
@@ -40,6 +43,7 @@ _PING_EVERY_S = 60.0  # well inside parallel_state.COLLECTIVE_TIMEOUT
 def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | None", cancels, events) -> None:
     """Process target (spawned): report ready or the startup error, then serve until told to stop."""
     started = time.perf_counter()
+    _take_signals_from_the_engine()
     try:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.world_size, spec.device_type, spec.master_port)
@@ -72,6 +76,18 @@ def _bytes_held(components: dict) -> dict[str, int]:
         for name, module in components.items()
         if isinstance(module, torch.nn.Module)
     }
+
+
+def _take_signals_from_the_engine() -> None:
+    """Ctrl-C in a terminal reaches the whole process group, but the engine decides what stops, so
+    a rank ignores SIGINT. SIGTERM exits through Python, so what the process holds is released.
+
+    tqdm (used by the loaders) would make a multiprocessing lock, a named semaphore that a killed
+    rank leaks; one process needs only a thread lock.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 def _configure_device(rank: int, spec: WorkerSpec) -> None:
@@ -134,7 +150,7 @@ def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, wo
         live = []
         for request in batch.requests:
             if request.request_id in cancelled:
-                events.put(GenerationFailure(request.request_id, "cancelled before it started", CANCELLED))
+                events.put(GenerationFailure(request.request_id, "cancelled before it started", FailureKind.CANCELLED))
             else:
                 live.append(request)
         if not live:
@@ -144,7 +160,7 @@ def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, wo
                 events.put(result)
         except BatchCancelled:
             for request in live:
-                events.put(GenerationFailure(request.request_id, "cancelled", CANCELLED))
+                events.put(GenerationFailure(request.request_id, "cancelled", FailureKind.CANCELLED))
         except Exception as exc:
             logger.exception("batch of %d request(s) failed", len(live))
             broken = parallel_state.group_broken()
@@ -152,7 +168,7 @@ def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, wo
                 events.put(GenerationFailure(
                     request_id=request.request_id,
                     message=f"{type(exc).__name__}: {exc}",
-                    error_type=GROUP_BROKEN if broken else "server_error",
+                    kind=FailureKind.GROUP_BROKEN if broken else FailureKind.PIPELINE_ERROR,
                 ))
             if broken:  # a peer rank is gone: exit so the engine sees the group is dead
                 return

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine import Omni, OmniDiffusionSamplingParams
-from tests.conftest import max_pixel_difference
+from tests.helpers import max_pixel_difference
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +111,20 @@ def test_keyboard_interrupt_cancels_the_running_request(omni):
     # A shell starts background jobs with SIGINT ignored; make Ctrl-C raise here as it does in a terminal.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        long_run = OmniDiffusionSamplingParams(num_inference_steps=200, height=256, width=256, seed=1)
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+        # Four 1024x1024 images for 200 steps: minutes of work, unless Ctrl-C stops them.
+        long_run = OmniDiffusionSamplingParams(
+            num_inference_steps=200, height=1024, width=1024, num_outputs_per_prompt=4, seed=1)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
         timer.start()
-        started = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
             omni.generate("a very long job", long_run)
         interrupted = time.perf_counter()
     finally:
+        timer.join()
         signal.signal(signal.SIGINT, previous)
     quick = omni.generate("next", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0]
-    # The quick request ran once the long one stopped at its next step, not after 200 steps (~10 s).
-    assert time.perf_counter() - interrupted < 2.0, f"interrupted {interrupted - started:.2f} s in; next took too long"
+    # The quick request ran once the long one stopped at its next step (a step here takes well
+    # under a second; the bound is ten times that even on a loaded machine), not after 200 steps.
+    waited = time.perf_counter() - interrupted
+    assert waited < 15.0, f"the next request took {waited:.2f} s"
     assert quick.images[0].size == (64, 64)

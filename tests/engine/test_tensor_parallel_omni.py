@@ -11,8 +11,8 @@ import time
 import pytest
 
 from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams, WorkerGroupDied, WorkerStartupError
-from tests.conftest import max_pixel_difference
-from tests.engine.test_omni_matches_diffusers import reference_image
+from tests.helpers import max_pixel_difference
+from tests.helpers import reference_image
 
 PARAMS = OmniDiffusionSamplingParams(num_inference_steps=4, height=64, width=96, seed=1234)
 
@@ -57,7 +57,7 @@ def test_failed_load_at_tp2_leaves_no_process(tiny_dir, tmp_path):
 def test_dead_follower_fails_requests_promptly_and_close_cleans_up():
     omni = Omni(model="tiny/sd3", parallel_config=tp(2))
     try:
-        pids = omni._group.pids
+        pids = omni.rank_pids()
         os.kill(pids[1], signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(WorkerGroupDied, match=r"rank\(s\) \[1\] exited|a rank of the worker group died"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import FAMILIES, load_plain_pipeline
+from tests.helpers import FAMILIES, load_plain_pipeline
 
 
 @pytest.mark.parametrize("family", FAMILIES)

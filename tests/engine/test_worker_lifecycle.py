@@ -9,21 +9,12 @@ import shutil
 import pytest
 
 from engine import Omni, OmniDiffusionSamplingParams, WorkerStartupError
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone for our purposes once reaped or defunct.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
+from tests.helpers import alive
 
 
 def test_model_runs_in_a_separate_process_that_close_stops():
     omni = Omni(model="tiny/z-image")
-    pids = omni._group.pids
+    pids = omni.rank_pids()
     assert len(pids) == 1 and pids[0] != os.getpid() and alive(pids[0])
     assert omni.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))
     omni.close()
@@ -34,7 +25,7 @@ def test_model_runs_in_a_separate_process_that_close_stops():
 def test_context_manager_stops_workers_after_an_exception():
     with pytest.raises(RuntimeError, match="boom"):
         with Omni(model="tiny/z-image") as omni:
-            pids = omni._group.pids
+            pids = omni.rank_pids()
             raise RuntimeError("boom")
     assert not any(alive(pid) for pid in pids)
 

@@ -6,8 +6,8 @@ import io
 
 from PIL import Image
 
-from tests.server.conftest import ServerProcess
-from tests.server.test_generations import decode
+from tests.helpers import ServerProcess
+from tests.helpers import decode_b64 as decode
 
 
 def png_file(name: str, color: tuple[int, int, int], size=(48, 48)) -> tuple[str, bytes, str]:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server.conftest import ServerProcess
+from tests.helpers import ServerProcess
 
 UPLOAD_LIMIT = 2**20  # the edit server runs with --max-upload-bytes 1 MiB
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import io
 
 import httpx
 from PIL import Image
 
-from tests.server.conftest import ServerProcess
-
-
-def decode(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
+from tests.helpers import ServerProcess
+from tests.helpers import decode_b64 as decode
 
 
 def test_health_reports_loading_then_ready(z_image_server: ServerProcess):

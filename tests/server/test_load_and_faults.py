@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import io
+import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,65 +14,43 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.server.conftest import ServerProcess
+from tests.helpers import ServerProcess, alive, b64_pixels, wait_until
+
+# Four 1024x1024 images for 200 steps: minutes of work on this machine, so a request that stops
+# within the bounds below (a few steps' time, at least 10x what stopping takes) was really cancelled.
+LONG = dict(num_inference_steps=200, size="1024x1024", n=4)
+STOP_BOUND_S = 15.0
 
 
-def generate(server: ServerProcess, timeout: float = 120, **fields) -> httpx.Response:
+def generate(server: ServerProcess, timeout: float = 300, **fields) -> httpx.Response:
     body = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, **fields}
     return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=timeout)
 
 
 def pixels(response: httpx.Response) -> np.ndarray:
-    data = base64.b64decode(response.json()["data"][0]["b64_json"])
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    return b64_pixels(response.json()["data"][0]["b64_json"])
 
 
-def metric(server: ServerProcess, name: str) -> float:
-    """Sum of every sample of `name` (all label sets) on /metrics."""
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
-
-
-def rank_pids(server: ServerProcess) -> list[int]:
-    lines = re.findall(r"rank pids ([\d, \[\]]+)", server.log())
-    return [int(pid) for pid in re.findall(r"\d+", lines[-1])]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def wait_healthy(server: ServerProcess, seconds: float = 120) -> list[int]:
-    seen, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        seen.append(httpx.get(f"{server.url}/health").status_code)
-        if seen[-1] == 200:
-            return seen
-        time.sleep(0.1)
-    raise AssertionError(f"not healthy again within {seconds} s:\n{server.log()[-3000:]}")
+def wait_healthy(server: ServerProcess, seconds: float = 120) -> None:
+    wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 200, seconds, "healthy again", poll_s=0.1)
 
 
 def test_sixteen_concurrent_clients_each_get_their_own_image(z_image_server: ServerProcess):
-    images_before = metric(z_image_server, "ditserve_images_generated_total")
-    ok_before = metric(z_image_server, 'ditserve_requests_total{route="generations",status="200"}')
+    images_before = z_image_server.metric("ditserve_images_generated_total")
+    ok_before = z_image_server.metric('ditserve_requests_total{route="generations",status="200"}')
     jobs = [dict(prompt=f"picture number {i}", seed=500 + i) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda job: generate(z_image_server, **job), jobs))
     assert [r.status_code for r in together] == [200] * 16
     assert [r.json()["seed"] for r in together] == [job["seed"] for job in jobs]
     # Batches formed (default --max-batch-size 8), and batching changed no image.
-    assert metric(z_image_server, "ditserve_batch_images_sum") > metric(z_image_server, "ditserve_batch_images_count")
+    assert z_image_server.metric("ditserve_batch_images_sum") > z_image_server.metric("ditserve_batch_images_count")
     for job, response in zip(jobs, together):
         alone = generate(z_image_server, **job)
         assert np.abs(pixels(response) - pixels(alone)).max() <= 1, job
-    assert metric(z_image_server, "ditserve_images_generated_total") == images_before + 32
-    assert metric(z_image_server, 'ditserve_requests_total{route="generations",status="200"}') == ok_before + 32
+    assert z_image_server.metric("ditserve_images_generated_total") == images_before + 32
+    assert z_image_server.metric('ditserve_requests_total{route="generations",status="200"}') == ok_before + 32
     assert "batch=" in z_image_server.log() and "queue_wait=" in z_image_server.log()
 
 
@@ -100,25 +78,22 @@ def test_beyond_the_queue_bound_requests_get_429_and_the_rest_succeed(narrow_ser
 
 
 def test_a_client_disconnect_frees_the_worker_within_a_step(narrow_server: ServerProcess):
-    cancelled_before = metric(narrow_server, "ditserve_requests_cancelled_total")
-
-    def abandoned():  # ~200 steps of several tens of ms each; the client gives up after 1 s
-        with pytest.raises(httpx.ReadTimeout):
-            generate(narrow_server, timeout=1.0, num_inference_steps=200, size="512x512", seed=1)
-
-    thread = threading.Thread(target=abandoned)
-    thread.start()
-    thread.join()
-    step_s = metric(narrow_server, "ditserve_step_seconds_sum") / max(1, metric(narrow_server, "ditserve_step_seconds_count"))
+    cancelled_before = narrow_server.metric("ditserve_requests_cancelled_total")
+    payload = json.dumps({"prompt": "a cat", "seed": 1, **LONG}).encode()
+    with socket.create_connection(("127.0.0.1", narrow_server.port)) as connection:
+        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        narrow_server.wait_until_running()
+    # the client hung up before any answer came
     started = time.perf_counter()
     quick = generate(narrow_server, num_inference_steps=1)
     waited = time.perf_counter() - started
     assert quick.status_code == 200
-    assert waited < 2.0, f"next request took {waited:.2f} s: the abandoned one kept the worker"
-    assert metric(narrow_server, "ditserve_requests_cancelled_total") == cancelled_before + 1
-    assert "status=499" in narrow_server.log()
+    assert waited < STOP_BOUND_S, f"next request took {waited:.2f} s: the abandoned one kept the worker"
+    wait_until(lambda: narrow_server.metric("ditserve_requests_cancelled_total") == cancelled_before + 1, 30, "counted")
+    wait_until(lambda: "status=499" in narrow_server.log(), 30, "logged")
     queue_wait = float(re.findall(r"queue_wait=([\d.]+)s", narrow_server.log())[-1])
-    assert queue_wait < 0.5 + 2 * step_s, (queue_wait, step_s)
+    assert queue_wait < STOP_BOUND_S, queue_wait
 
 
 @pytest.fixture(scope="module")
@@ -131,43 +106,43 @@ def tp2_server(tmp_path_factory):
 
 @pytest.mark.parametrize("victim", ["follower", "driver"])
 def test_a_killed_rank_fails_in_flight_work_promptly_then_the_group_restarts(tp2_server: ServerProcess, victim):
-    pids = rank_pids(tp2_server)
-    restarts_before = metric(tp2_server, "ditserve_worker_restarts_total")
+    pids = tp2_server.rank_pids()
+    restarts_before = tp2_server.metric("ditserve_worker_restarts_total")
     outcome = {}
 
     def long_request():
-        started = time.perf_counter()
-        outcome["response"] = generate(tp2_server, num_inference_steps=200, size="256x256")
-        outcome["finished"] = time.perf_counter() - started
+        outcome["response"] = generate(tp2_server, **LONG)
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(1.0)
+    tp2_server.wait_until_running()
     killed_at = time.perf_counter()
     os.kill(pids[1] if victim == "follower" else pids[0], signal.SIGKILL)
-    thread.join(timeout=30)
+    thread.join(timeout=120)
     assert not thread.is_alive()
+    failed_after = time.perf_counter() - killed_at
     response = outcome["response"]
     assert response.status_code == 503 and response.json()["error"]["code"] == "worker_died"
     assert response.headers["x-should-retry"] == "true"
-    assert time.perf_counter() - killed_at < 5.0
+    assert failed_after < STOP_BOUND_S
     wait_healthy(tp2_server)
-    assert metric(tp2_server, "ditserve_worker_restarts_total") == restarts_before + 1
+    assert tp2_server.metric("ditserve_worker_restarts_total") == restarts_before + 1
     assert not any(alive(pid) for pid in pids)
     assert generate(tp2_server).status_code == 200
 
 
 def test_sigterm_finishes_admitted_work_then_exits_zero_with_no_orphans(tp2_server: ServerProcess):
-    pids = rank_pids(tp2_server)
+    pids = tp2_server.rank_pids()
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("r", generate(
         tp2_server, num_inference_steps=30, size="128x128")))
     thread.start()
-    time.sleep(0.5)
+    tp2_server.wait_until_running()
     tp2_server.process.send_signal(signal.SIGTERM)
-    thread.join(timeout=60)
+    thread.join(timeout=120)
     assert outcome["r"].status_code == 200 and pixels(outcome["r"]).shape == (128, 128, 3)
     assert tp2_server.process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         generate(tp2_server)
     assert not any(alive(pid) for pid in pids)
+    assert "leaked" not in tp2_server.log()

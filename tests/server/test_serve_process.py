@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import subprocess
 import time
 
@@ -11,15 +9,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from PIL import Image
 
-from tests.server.conftest import SERVE, ServerProcess
+from tests.helpers import SERVE, ServerProcess
+from tests.helpers import b64_pixels as pixels
 
 API_KEY = "sk-test-7f3a9c"
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tmp_path):

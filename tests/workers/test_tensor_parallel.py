@@ -10,8 +10,8 @@ import torch
 from configs import load_family
 from engine import resolve_model
 from engine.memory_report import memory_report
-from tests.conftest import FAMILIES
-from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from tests.helpers import FAMILIES
+from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
 from workers.sharded_loading import build_meta_transformer, load_transformer_shard
 from workers.tensor_parallel import apply_plan, even_partition
 
@@ -40,7 +40,7 @@ def test_every_planned_layer_is_replaced_and_attention_heads_become_local(family
     assert attention and {m.heads for m in attention} == {heads // 2}
     for module in attention:
         assert isinstance(module.to_q, ColumnParallelLinear)
-        assert module.to_q.weight.tp_slices[1] == [(module.to_q.out_features, 2 * module.to_q.out_features)]
+        assert shard_slices(module.to_q.weight).ranges == [(module.to_q.out_features, 2 * module.to_q.out_features)]
     rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
     assert len(rows) >= len(attention)
 
@@ -51,7 +51,7 @@ def test_rank_shards_hold_at_most_half_the_sharded_part_at_tp2(family, tiny_dir)
     path = tiny_dir(family) / "transformer"
     full = build_meta_transformer(config, path)
     apply_plan(full, config.tensor_parallel, rank=0, world_size=1)
-    sharded_total = sum(p.numel() for p in full.parameters() if getattr(p, "tp_slices", None))
+    sharded_total = sum(p.numel() for p in full.parameters() if shard_slices(p))
     everything = sum(p.numel() for p in full.parameters())
     replicated = everything - sharded_total
     shard_sizes = []

@@ -1,0 +1,176 @@
+"""Helpers shared by test modules: reference pipelines, image comparison, real `serve` processes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import httpx
+import numpy as np
+import openai
+import torch
+from PIL import Image
+
+from engine.worker_group import free_port
+from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
+
+FAMILIES = ["z-image", "qwen-image", "qwen-image-edit", "flux", "sd3"]
+SERVE = str(Path(sys.executable).parent / "serve")
+STARTUP_TIMEOUT_S = 180
+
+
+# images ----------------------------------------------------------------------------------------
+def condition_image(size: tuple[int, int] = (48, 32)) -> Image.Image:
+    """A small deterministic RGB image for edit requests."""
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = np.stack([x * 255 // size[0], y * 255 // size[1], (x + y) % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def max_pixel_difference(a: Image.Image, b: Image.Image) -> int:
+    assert a.size == b.size, (a.size, b.size)
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def decode_b64(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def b64_pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode_b64(b64).convert("RGB"), dtype=np.int16)
+
+
+# plain diffusers references ----------------------------------------------------------------------
+REFERENCE_PROMPT = "a cat reading a book"
+REFERENCE_SEED = 1234
+REFERENCE_STEPS = 4
+
+
+def load_plain_pipeline(path: Path) -> diffusers.DiffusionPipeline:
+    """The pipeline exactly as a diffusers user would load it (plus the torchvision-free processor)."""
+    extra = {}
+    if (path / "processor").is_dir():
+        extra["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(path / "processor")
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(path, **extra)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
+    """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API."""
+    pipeline = load_plain_pipeline(path)
+    arguments = dict(
+        prompt=REFERENCE_PROMPT, height=height, width=width, num_inference_steps=REFERENCE_STEPS,
+        generator=torch.Generator("cpu").manual_seed(REFERENCE_SEED),
+    )
+    if family in ("qwen-image", "qwen-image-edit"):
+        arguments.update(negative_prompt=" ", true_cfg_scale=4.0)
+    if family == "qwen-image-edit":
+        arguments["image"] = condition_image()
+    if family == "z-image":
+        arguments["guidance_scale"] = 0.0
+    if family == "flux":
+        arguments["guidance_scale"] = 3.5
+    if family == "sd3":
+        arguments["guidance_scale"] = 7.0
+    with torch.inference_mode():
+        return pipeline(**arguments).images[0]
+
+
+# processes -------------------------------------------------------------------------------------
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, seconds: float, what: str, poll_s: float = 0.05) -> None:
+    """Poll `condition` until it holds; the deadline only bounds a hang, it is not what is tested."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {seconds} s")
+        time.sleep(poll_s)
+
+
+@dataclass
+class ServerProcess:
+    """A real `serve` process (uvicorn + worker ranks) on a free port."""
+
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    health_seen: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_path: Path) -> "ServerProcess":
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [SERVE, *self.args, "--port", str(self.port)],
+            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log()[-5000:]}")
+            try:
+                status = httpx.get(f"{self.url}/health", timeout=2).status_code
+                self.health_seen.append(status)
+                if status == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"serve did not become ready in {STARTUP_TIMEOUT_S} s:\n{self.log()[-5000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of `name` (all label sets) on /metrics."""
+        text = httpx.get(f"{self.url}/metrics").text
+        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+    def rank_pids(self) -> list[int]:
+        """The rank pids of the newest worker group, from the start-up log line."""
+        lines = re.findall(r"rank pids ([\d, ]+)", self.log())
+        return [int(pid) for pid in re.findall(r"\d+", lines[-1])]
+
+    def wait_until_running(self, count: int = 1) -> None:
+        """Until `count` requests are in the batch on the ranks (an event, not a duration)."""
+        wait_until(lambda: self.metric("ditserve_running_requests") >= count, 120, "running")
