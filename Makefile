@@ -23,6 +23,7 @@ serve: install
 	$(BIN)/serve $(MODEL) --omni --port $(PORT) --tensor-parallel-size $(TP)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -14,9 +14,9 @@ import statistics
 import time
 
 import openai
+from serve_process import start_server
 
 from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
-from serve_process import start_server
 
 CASES = [(64, 1), (128, 9)]  # (side, steps)
 

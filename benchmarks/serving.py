@@ -19,9 +19,9 @@ from pathlib import Path
 import diffusers
 import httpx
 import torch
+from serve_process import start_server
 
 from engine.tiny_models import write_tiny_model
-from serve_process import start_server
 
 CONCURRENCY = (1, 4, 16)
 BATCH_SIZES = (1, 16)
@@ -84,8 +84,8 @@ def main() -> None:
                     for concurrency in CONCURRENCY:
                         rate, p50, p95 = asyncio.run(run_load(
                             url, concurrency, args.requests_per_client, {"prompt": "a cat", **body}))
-                        print(f"| {label:<20} | {max_batch:>5} | {concurrency:>7} | {rate:8.2f} | {p50:7.3f} | {p95:7.3f} |",
-                              flush=True)
+                        head = f"| {label:<20} | {max_batch:>5} | {concurrency:>7} |"
+                        print(f"{head} {rate:8.2f} | {p50:7.3f} | {p95:7.3f} |", flush=True)
                 finally:
                     process.terminate()
                     process.wait()

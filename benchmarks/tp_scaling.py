@@ -18,8 +18,8 @@ import diffusers
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from configs import load_family
 
+from configs import load_family
 from engine.worker_group import free_port
 from workers import parallel_state
 from workers.sharded_loading import load_transformer_shard
@@ -93,7 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         directory = Path(folder)
         parameters = write_medium_model(directory)
-        print(f"Z-Image-shaped DiT, {parameters / 1e6:.1f}M parameters, {IMAGE_SIDE}x{IMAGE_SIDE}, fp32, CPU, shared-memory all-reduce")
+        print(f"Z-Image-shaped DiT, {parameters / 1e6:.1f}M parameters, {IMAGE_SIDE}x{IMAGE_SIDE}, fp32, CPU, "
+              "shared-memory all-reduce")
         rows = []
         for label, world_size, threads in (
             ("TP=1, 1 thread", 1, 1), ("TP=1, 2 threads", 1, 2), ("TP=2, 1 thread/rank", 2, 1),

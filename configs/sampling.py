@@ -84,9 +84,12 @@ class SamplingParams:
         for field in dataclasses.fields(cls):
             value = getattr(asked, field.name)
             values[field.name] = getattr(defaults, field.name) if value is None else value
-        values["num_outputs_per_prompt"] = values["num_outputs_per_prompt"] or 1
-        if (values["height"] is None) != (values["width"] is None):  # one side given, no default: square
-            values["height"] = values["width"] = values["height"] or values["width"]
+        if values["num_outputs_per_prompt"] is None:
+            values["num_outputs_per_prompt"] = 1
+        if values["height"] is None:  # one side given and no default for the other: square
+            values["height"] = values["width"]
+        if values["width"] is None:
+            values["width"] = values["height"]
         return cls(**values)
 
     def pipeline_arguments(self) -> dict[str, Any]:

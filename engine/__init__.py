@@ -1,7 +1,6 @@
 """The engine: resolves models, validates requests, and drives the rank processes."""
 
 from configs import OmniDiffusionSamplingParams
-
 from engine.async_engine import AsyncEngine, EngineConfig, EngineState
 from engine.errors import (
     EngineError,

@@ -17,10 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from configs import OmniDiffusionSamplingParams
 from PIL import Image
-from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult
 
+from configs import OmniDiffusionSamplingParams
 from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
 from engine.metrics import Metrics
@@ -29,6 +28,7 @@ from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import WorkerGroup
+from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import accelerate
 import diffusers
 import torch
 import transformers
+
+from engine.model_resolver import ResolvedModel
 from workers.parallel_linear import shard_slices
 from workers.sharded_loading import build_meta_transformer
 from workers.tensor_parallel import apply_plan
-
-from engine.model_resolver import ResolvedModel
 
 
 @dataclass(frozen=True)

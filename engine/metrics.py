@@ -12,7 +12,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ditserve_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "ditserve_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
         self.request_seconds = Histogram(
             "ditserve_request_seconds", "End-to-end HTTP latency of image requests", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,

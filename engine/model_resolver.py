@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
-from configs import FamilyConfig, OmniDiffusionSamplingParams, family_for_pipeline_class, load_family
 
+from configs import FamilyConfig, OmniDiffusionSamplingParams, family_for_pipeline_class, load_family
 from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
 DEFAULT_MODEL = "tiny/z-image"

@@ -7,13 +7,12 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from configs import OmniDiffusionSamplingParams
-from workers import GenerationBatch
-
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import WorkerGroup
+from workers import GenerationBatch
 
 
 class Omni:

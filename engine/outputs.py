@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 
 from PIL import Image
-from workers import GenerationFailure, GenerationRequest, GenerationResult
 
 from engine.errors import error_for
+from workers import GenerationFailure, GenerationRequest, GenerationResult
 
 
 @dataclass

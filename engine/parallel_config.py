@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
-from workers import WorkerSpec
-from workers.tensor_parallel import ShardPlanner
 
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
+from workers import WorkerSpec
+from workers.tensor_parallel import ShardPlanner
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

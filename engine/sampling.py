@@ -6,12 +6,12 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
-from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from PIL import Image
-from workers import GenerationRequest
 
+from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from engine.errors import InvalidRequestError
 from engine.model_resolver import ResolvedModel
+from workers import GenerationRequest
 
 
 @dataclass

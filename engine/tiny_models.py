@@ -16,12 +16,12 @@ from typing import Any, Callable
 import diffusers
 import torch
 import transformers
-from configs import FamilyConfig, load_family
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
+from configs import FamilyConfig, load_family
 from engine.tiny_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer
+from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 TINY_PREFIX = "tiny/"
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import torch.multiprocessing as mp
+
+from engine.errors import WorkerGroupDied, WorkerStartupError
 from workers import (
     GenerationBatch,
     GenerationFailure,
@@ -28,8 +30,6 @@ from workers import (
     WorkerStartupFailed,
 )
 from workers.worker_process import run_worker
-
-from engine.errors import WorkerGroupDied, WorkerStartupError
 
 logger = logging.getLogger(__name__)
 

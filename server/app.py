@@ -10,11 +10,11 @@ import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from engine import AsyncEngine, EngineState
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine import AsyncEngine, EngineState
 from server.errors import APIError, install_error_handlers
 from server.image_store import ImageStore
 from server.images_api import images_router
@@ -61,7 +61,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -13,10 +13,11 @@ import sys
 import pydantic
 import torch
 import uvicorn
+
 from configs import OmniDiffusionSamplingParams
 from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
-from engine.parallel_config import DTYPES
 from engine.memory_report import format_report, memory_report
+from engine.parallel_config import DTYPES
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
 
 
@@ -61,7 +62,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
         prog="serve", description="Serve a diffusion model behind the OpenAI Images API."
     )
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                        help=f"tiny/<family>, a local diffusers folder, or a Hugging Face hub id (default {DEFAULT_MODEL})")
+                        help="tiny/<family>, a local diffusers folder, or a Hugging Face hub id "
+                             f"(default {DEFAULT_MODEL})")
     parser.add_argument("--omni", action="store_true", help="accepted for compatibility with vLLM-Omni; no effect")
     parser.add_argument("--host", default=os.environ.get("DITSERVE_HOST", "127.0.0.1"),
                         help="address to listen on (default 127.0.0.1, env DITSERVE_HOST)")
@@ -71,12 +73,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
                              "and n run together (default 8; 1 turns batching off)")
     parser.add_argument("--max-queue-size", type=int, default=64,
-                        help="requests admitted at once (waiting or running); more get 429 with Retry-After (default 64)")
+                        help="requests admitted at once (waiting or running); more get 429 with Retry-After "
+                             "(default 64)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds before a request is answered 504 (default: no limit)")
     parser.add_argument("--default-sampling-params", default=None, metavar="JSON",

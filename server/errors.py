@@ -10,6 +10,11 @@ import logging
 from dataclasses import dataclass
 
 import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from engine import (
     EngineError,
     EngineNotReady,
@@ -19,11 +24,6 @@ from engine import (
     RequestTimedOut,
     WorkerGroupDied,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from server.schemas import API_PARAM
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ _ENGINE_ERRORS: dict[type[EngineError], _Mapping] = {
 
 
 def api_error_for(error: EngineError) -> APIError:
-    mapping = next((_ENGINE_ERRORS[k] for k in type(error).__mro__ if k in _ENGINE_ERRORS), _Mapping(500, "internal_error"))
+    listed = (_ENGINE_ERRORS[kind] for kind in type(error).__mro__ if kind in _ENGINE_ERRORS)
+    mapping = next(listed, _Mapping(500, "internal_error"))
     param = getattr(error, "param", None)
     headers = {} if mapping.retry_after_s is None else {"retry-after": str(mapping.retry_after_s)}
     return APIError(mapping.status, str(error), API_PARAM.get(param, param), mapping.code,

@@ -38,7 +38,8 @@ def decode_upload(data: bytes, param: str, max_bytes: int) -> Image.Image:
     width, height = image.size
     if width * height > MAX_UPLOAD_PIXELS:
         raise invalid(
-            f"{param} is {width}x{height} pixels; at most {MAX_UPLOAD_PIXELS} pixels are accepted", param, "image_too_large"
+            f"{param} is {width}x{height} pixels; at most {MAX_UPLOAD_PIXELS} pixels are accepted", param,
+            "image_too_large",
         )
     try:
         with warnings.catch_warnings():

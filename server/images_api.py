@@ -6,11 +6,11 @@ import asyncio
 import base64
 import time
 
-from engine import AsyncEngine, OmniRequestOutput, PromptInput
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from engine import AsyncEngine, OmniRequestOutput, PromptInput
 from server.errors import APIError, invalid
 from server.image_codec import MEDIA_TYPES, decode_upload, encode
 from server.image_store import ImageStore
@@ -60,7 +60,8 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
 def _require_content_type(request: Request, expected: str) -> None:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(expected):
-        raise APIError(415, f"content-type must be {expected}, got {content_type or 'none'!r}", code="unsupported_media_type")
+        raise APIError(415, f"content-type must be {expected}, got {content_type or 'none'!r}",
+                       code="unsupported_media_type")
 
 
 def _requires_json(request: Request) -> None:
@@ -71,7 +72,8 @@ async def _multipart(request: Request, max_bytes: int):
     _require_content_type(request, "multipart/form-data")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes * 4:
-        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes * 4} bytes", code="request_too_large")
+        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes * 4} bytes",
+                       code="request_too_large")
     try:
         form = await request.form(max_files=16, max_fields=64)
     except Exception as exc:
@@ -92,7 +94,8 @@ async def _multipart(request: Request, max_bytes: int):
         else:
             fields[name] = value
     if not images:
-        raise invalid("image is required: send one file as 'image' or several as 'image[]'", "image", "missing_required_parameter")
+        raise invalid("image is required: send one file as 'image' or several as 'image[]'", "image",
+                      "missing_required_parameter")
     return fields, images, mask
 
 
@@ -105,7 +108,8 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
     if engine.model is not None and engine.model.family.is_edit != edit:
         endpoint = "/v1/images/edits" if engine.model.family.is_edit else "/v1/images/generations"
         kind = "edits images" if engine.model.family.is_edit else "generates images from text"
-        raise invalid(f"model {settings.served_model_name!r} {kind}: use POST {endpoint}", "model", "unsupported_endpoint")
+        raise invalid(f"model {settings.served_model_name!r} {kind}: use POST {endpoint}", "model",
+                      "unsupported_endpoint")
 
 
 async def _generate_all(
@@ -146,7 +150,8 @@ async def _response(
             encoded = await run_in_threadpool(encode, image, fmt, api_request.output_compression)
             if api_request.response_format == "url":
                 token = store.put(encoded, MEDIA_TYPES[fmt])
-                data.append(ImageData(url=str(request.url_for("image_file", token=token)), seed=seed))  # route in server.app
+                url = str(request.url_for("image_file", token=token))  # the route is in server.app
+                data.append(ImageData(url=url, seed=seed))
             else:
                 data.append(ImageData(b64_json=base64.b64encode(encoded).decode("ascii"), seed=seed))
     first = outputs[0].images[0]

@@ -12,8 +12,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from engine.metrics import Metrics
 from fastapi import Request
+
+from engine.metrics import Metrics
 
 logger = logging.getLogger("ditserve.requests")
 

@@ -9,10 +9,11 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_SEED
-from engine import OmniDiffusionSamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
+
+from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_SEED
+from engine import OmniDiffusionSamplingParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 

@@ -159,7 +159,8 @@ class ServerProcess:
                 self.process.wait()
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+        api_key = kwargs.pop("api_key", "unused")
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
     def metric(self, name: str) -> float:
         """Sum of every sample of `name` (all label sets) on /metrics."""

@@ -9,8 +9,9 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs import SamplingParams
 from PIL import Image
+
+from configs import SamplingParams
 
 
 @dataclass

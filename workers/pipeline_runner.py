@@ -9,8 +9,8 @@ from typing import Any
 
 import diffusers
 import torch
-from configs import load_family
 
+from configs import load_family
 from workers.messages import GenerationBatch, GenerationResult, WorkerSpec
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -49,7 +49,8 @@ class PipelineRunner:
         arguments = {
             **first.sampling.pipeline_arguments(),
             "prompt": per_prompt([r.prompt for r in requests]),
-            "negative_prompt": None if first.negative_prompt is None else per_prompt([r.negative_prompt for r in requests]),
+            "negative_prompt": None if first.negative_prompt is None else per_prompt(
+                [r.negative_prompt for r in requests]),
             "image": first.images[0] if len(first.images) == 1 else first.images or None,
             # Noise always comes from CPU generators on the driver, one per image (seed + i), so an
             # image is the same on any device, at any tensor-parallel size and in any batch.

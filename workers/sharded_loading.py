@@ -13,10 +13,10 @@ from pathlib import Path
 import accelerate
 import diffusers
 import torch
-from configs import FamilyConfig
 from safetensors import safe_open
 from torch import nn
 
+from configs import FamilyConfig
 from workers.parallel_linear import ShardSlices, set_shard_slices, shard_slices
 from workers.tensor_parallel import apply_plan
 
@@ -103,7 +103,8 @@ def _read(handle, name: str, slices: ShardSlices | None) -> torch.Tensor:
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
     if tuple(tensor.shape) != tuple(current.shape):
-        raise ValueError(f"{name}: checkpoint slice has shape {tuple(tensor.shape)}, model expects {tuple(current.shape)}")
+        raise ValueError(
+            f"{name}: checkpoint slice has shape {tuple(tensor.shape)}, model expects {tuple(current.shape)}")
     owner_name, _, attribute = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if attribute in owner._parameters:

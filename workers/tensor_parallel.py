@@ -10,9 +10,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from configs import LayerRule, TensorParallelPlan
 from torch import nn
 
+from configs import LayerRule, TensorParallelPlan
 from workers.parallel_linear import ColumnParallelLinear, Ranges, RowParallelLinear
 
 

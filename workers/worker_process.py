@@ -20,8 +20,8 @@ import diffusers
 import torch
 import tqdm
 import transformers
-from configs import load_family
 
+from configs import load_family
 from workers import forward_broadcast, parallel_state
 from workers.messages import (
     FailureKind,

@@ -67,7 +67,8 @@ async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, i
 
         together = await asyncio.gather(*(
             engine.generate(PromptInput(prompt, negative), params(seed)) for prompt, negative, seed in prompts))
-        alone = [await engine.generate(PromptInput(prompt, negative), params(seed)) for prompt, negative, seed in prompts]
+        alone = [await engine.generate(PromptInput(prompt, negative), params(seed))
+                 for prompt, negative, seed in prompts]
     finally:
         await engine.shutdown()
     return together, alone

@@ -55,5 +55,6 @@ def test_folder_without_model_index_is_rejected(tmp_path):
 
 def test_unsupported_pipeline_class_lists_supported_families(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match=r"'StableDiffusionXLPipeline' is not supported; supported families: .*z-image \(ZImagePipeline\)"):
+    expected = r"'StableDiffusionXLPipeline' is not supported; supported families: .*z-image \(ZImagePipeline\)"
+    with pytest.raises(ValueError, match=expected):
         resolve_model(str(tmp_path))

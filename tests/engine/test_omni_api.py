@@ -56,7 +56,8 @@ def test_family_and_tiny_defaults_fill_unset_fields(omni):
 
 @pytest.mark.parametrize("height,width", [(64, 160), (144, 80)])
 def test_asked_size_is_honoured(omni, height, width):
-    output = omni.generate("a wide view", OmniDiffusionSamplingParams(num_inference_steps=1, height=height, width=width))[0]
+    params = OmniDiffusionSamplingParams(num_inference_steps=1, height=height, width=width)
+    output = omni.generate("a wide view", params)[0]
     assert output.images[0].size == (width, height)
 
 
@@ -71,11 +72,15 @@ def test_num_outputs_per_prompt(omni):
 @pytest.mark.parametrize(
     "params,message",
     [
-        (dict(height=100, width=64), "height=100 is not supported: height and width must be multiples of 16 between 64 and 2048 (for example 96)"),
-        (dict(height=64, width=4096), "width=4096 is not supported: height and width must be multiples of 16 between 64 and 2048 (for example 2048)"),
+        (dict(height=100, width=64),
+         "height=100 is not supported: height and width must be multiples of 16 between 64 and 2048 (for example 96)"),
+        (dict(height=64, width=4096),
+         "width=4096 is not supported: height and width must be multiples of 16 between 64 and 2048 "
+         "(for example 2048)"),
         (dict(height=32, width=64), "height=32 is not supported"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(num_outputs_per_prompt=11), "num_outputs_per_prompt=11 must be between 1 and 10"),
+        (dict(num_outputs_per_prompt=0), "num_outputs_per_prompt=0 must be between 1 and 10"),
         (dict(seed=-1), "seed=-1"),
     ],
 )
@@ -96,7 +101,8 @@ def test_bad_prompts_raise_value_error(omni):
 def test_worker_still_serves_after_rejected_requests(omni):
     with pytest.raises(ValueError):
         omni.generate("x", OmniDiffusionSamplingParams(height=7))
-    assert omni.generate("still here", OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64))[0].images
+    quick = OmniDiffusionSamplingParams(num_inference_steps=1, height=64, width=64)
+    assert omni.generate("still here", quick)[0].images
 
 
 def test_image_i_of_a_request_is_reproducible_alone_with_seed_plus_i(omni):

@@ -15,6 +15,7 @@ from tests.helpers import (
     reference_image,
 )
 
+
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_omni_image_equals_plain_diffusers(tiny_dir, family, tensor_parallel_size):
@@ -22,8 +23,10 @@ def test_omni_image_equals_plain_diffusers(tiny_dir, family, tensor_parallel_siz
     prompt = {"prompt": REFERENCE_PROMPT}
     if family == "qwen-image-edit":
         prompt["multi_modal_data"] = {"image": condition_image()}
-    with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tensor_parallel_size=tensor_parallel_size)) as omni:
-        params = OmniDiffusionSamplingParams(num_inference_steps=REFERENCE_STEPS, height=height, width=width, seed=REFERENCE_SEED)
+    parallel = DiffusionParallelConfig(tensor_parallel_size=tensor_parallel_size)
+    with Omni(model=f"tiny/{family}", parallel_config=parallel) as omni:
+        params = OmniDiffusionSamplingParams(
+            num_inference_steps=REFERENCE_STEPS, height=height, width=width, seed=REFERENCE_SEED)
         output = omni.generate(prompt, params)[0]
     image = output.images[0]
     assert output.seed == REFERENCE_SEED

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import shutil
+import signal
 import time
 
 import pytest
 
 from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams, WorkerGroupDied, WorkerStartupError
-from tests.helpers import max_pixel_difference
-from tests.helpers import reference_image
+from tests.helpers import max_pixel_difference, reference_image
 
 PARAMS = OmniDiffusionSamplingParams(num_inference_steps=4, height=64, width=96, seed=1234)
 

@@ -32,7 +32,8 @@ def test_same_seed_gives_identical_bytes_and_the_seed_is_reported(z_image_server
     client = z_image_server.client()
     first = client.images.generate(prompt="a lighthouse", size="64x96", extra_body={"num_inference_steps": 2})
     seed = first.model_extra["seed"]
-    again = client.images.generate(prompt="a lighthouse", size="64x96", extra_body={"num_inference_steps": 2, "seed": seed})
+    again = client.images.generate(
+        prompt="a lighthouse", size="64x96", extra_body={"num_inference_steps": 2, "seed": seed})
     assert again.data[0].b64_json == first.data[0].b64_json
     assert decode(first.data[0].b64_json).size == (64, 96)
     assert again.data[0].model_extra["seed"] == seed
@@ -58,7 +59,8 @@ def test_jpeg_and_webp_outputs(z_image_server: ServerProcess):
 
 
 def test_auto_size_is_the_model_default(z_image_server: ServerProcess):
-    result = z_image_server.client().images.generate(prompt="a hill", size="auto", extra_body={"num_inference_steps": 1})
+    result = z_image_server.client().images.generate(
+        prompt="a hill", size="auto", extra_body={"num_inference_steps": 1})
     assert decode(result.data[0].b64_json).size == (128, 128)
 
 
@@ -69,3 +71,30 @@ def test_models_version_and_request_ids(z_image_server: ServerProcess):
     assert version.json()["version"] == "0.1.0"
     ids = {httpx.get(f"{z_image_server.url}/health").headers["x-request-id"] for _ in range(3)}
     assert len(ids) == 3
+
+
+def test_openapi_documents_both_image_endpoints(z_image_server: ServerProcess):
+    spec = httpx.get(f"{z_image_server.url}/openapi.json").json()
+
+    def schema(reference_or_schema: dict) -> dict:
+        name = reference_or_schema.get("$ref", "").rpartition("/")[2]
+        return spec["components"]["schemas"][name] if name else reference_or_schema
+
+    def request_schema(path: str, content_type: str) -> dict:
+        return schema(spec["paths"][path]["post"]["requestBody"]["content"][content_type]["schema"])
+
+    endpoints = (("/v1/images/generations", "application/json"), ("/v1/images/edits", "multipart/form-data"))
+    for path, content_type in endpoints:
+        operation = spec["paths"][path]["post"]
+        request = request_schema(path, content_type)
+        assert {"prompt", "n", "size", "seed", "num_inference_steps", "response_format"} <= set(request["properties"])
+        assert "prompt" in request["required"]
+        response = schema(operation["responses"]["200"]["content"]["application/json"]["schema"])
+        assert {"created", "data", "size", "seed", "output_format"} <= set(response["properties"])
+        item = schema(response["properties"]["data"]["items"])
+        assert {"b64_json", "url", "seed"} <= set(item["properties"])
+    edit_form = request_schema(*endpoints[1])
+    assert {"image", "mask"} <= set(edit_form["properties"]) and "image" in edit_form["required"]
+    generation = request_schema(*endpoints[0])
+    steps = generation["properties"]["num_inference_steps"]["anyOf"][0]  # optional: [integer, null]
+    assert generation["properties"]["n"]["maximum"] == 10 and steps["maximum"] == 200  # the engine's own limits

@@ -38,7 +38,8 @@ def test_sum_is_exact_identical_on_every_rank_and_chunks_large_tensors():
     processes = [context.Process(target=reduce_on_rank, args=(r, port, shapes, results)) for r in range(WORLD_SIZE)]
     for process in processes:
         process.start()
-    outputs = {rank: [torch.from_numpy(a) for a in arrays] for rank, arrays in (results.get(timeout=120) for _ in range(WORLD_SIZE))}
+    received = (results.get(timeout=120) for _ in range(WORLD_SIZE))
+    outputs = {rank: [torch.from_numpy(a) for a in arrays] for rank, arrays in received}
     for process in processes:
         process.join(timeout=30)
     for index, shape in enumerate(shapes):

@@ -16,7 +16,8 @@ from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny/qwen-image-edit", help="an edit model: tiny/qwen-image-edit, a folder or hub id")
+    parser.add_argument("--model", default="tiny/qwen-image-edit",
+                        help="an edit model: tiny/qwen-image-edit, a folder or hub id")
     parser.add_argument("--image", required=True, help="the image to edit (PNG, JPEG or WebP)")
     parser.add_argument("--prompt", required=True, help="what to change")
     parser.add_argument("--negative-prompt", default=None)

@@ -1,0 +1,36 @@
+"""The url image store: entries live exactly their TTL, and the oldest go first beyond the bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import image_store
+from server.image_store import ImageStore
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(image_store.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_an_image_is_served_until_its_ttl_and_never_after(clock):
+    store = ImageStore(ttl_s=10.0)
+    token = store.put(b"png bytes", "image/png")
+    clock[0] += 9.9
+    assert store.get(token) == (b"png bytes", "image/png")
+    clock[0] += 0.2
+    assert store.get(token) is None
+    assert store.get("not-a-token") is None
+
+
+def test_expired_entries_are_dropped_and_the_count_is_bounded(clock):
+    store = ImageStore(ttl_s=10.0, max_images=3)
+    old = store.put(b"old", "image/png")
+    clock[0] += 11
+    tokens = [store.put(bytes([i]), "image/webp") for i in range(4)]
+    assert store.get(old) is None
+    assert store.get(tokens[0]) is None  # beyond max_images: the oldest went first
+    assert [store.get(t) for t in tokens[1:]] == [(bytes([i]), "image/webp") for i in (1, 2, 3)]
+    assert len({*tokens, old}) == 5 and all(len(t) >= 32 for t in tokens)  # unguessable, never reused

@@ -1,0 +1,68 @@
+"""The driver's broadcast of a forward call's arguments arrives whole on a follower, over real gloo."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from engine.worker_group import free_port
+from workers import forward_broadcast, parallel_state
+
+
+def sent_tree() -> tuple:
+    """Every shape of argument a diffusers transformer call passes: tensors of several dtypes
+    (bool masks included), None, numbers, strings, and nested tuples, lists and dicts."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 4, generator=generator)
+    args = (hidden, None, 7, [torch.arange(5), (torch.tensor(2.5, dtype=torch.float64), "text")])
+    kwargs = {
+        "attention_mask": torch.tensor([[True, False, True]]),
+        "nested": {"ids": torch.tensor([[1, 2]], dtype=torch.int64), "none": None, "scale": 0.5},
+        "half": torch.randn(3, generator=generator).to(torch.bfloat16),
+        "transposed": hidden[0].t(),  # not contiguous
+        "empty": (),
+    }
+    return args, kwargs
+
+
+def exchange(rank: int, port: int, results) -> None:
+    parallel_state.initialize(rank, 2, "cpu", port)
+    if rank == 0:
+        forward_broadcast.send(forward_broadcast.FORWARD, sent_tree())
+        forward_broadcast.send(forward_broadcast.STOP)
+    else:
+        received = [forward_broadcast.receive() for _ in range(2)]
+        results.put(received)
+    parallel_state.shutdown()
+
+
+def assert_same_tree(got, expected) -> None:
+    assert type(got) is type(expected), (type(got), type(expected))
+    if isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert_same_tree(a, b)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for key in expected:
+            assert_same_tree(got[key], expected[key])
+    else:
+        assert got == expected
+
+
+def test_forward_arguments_round_trip_to_a_follower():
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=exchange, args=(rank, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    (forward, tree), (stop, nothing) = results.get(timeout=120)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert (forward, stop, nothing) == (forward_broadcast.FORWARD, forward_broadcast.STOP, None)
+    assert_same_tree(tree, sent_tree())
