@@ -38,11 +38,12 @@ class SizeLimits(_Strict):
 
 
 class LayerRule(_Strict):
-    """Linears whose full name matches `pattern` are split: colwise (outputs), rowwise (inputs), or
-    packed_rowwise (inputs are cat([per-head part, evenly split part])). `split` says how."""
+    """Linears whose full name matches `pattern` are split: colwise (outputs), colwise_gather (outputs,
+    gathered whole again after the layer: for small outputs like adaLN modulation), rowwise (inputs),
+    or packed_rowwise (inputs are cat([per-head part, evenly split part])). `split` says how."""
 
     pattern: str
-    style: Literal["colwise", "rowwise", "packed_rowwise"]
+    style: Literal["colwise", "colwise_gather", "rowwise", "packed_rowwise"]
     split: Literal["heads", "even", "heads+even"]
     optional: bool = False  # the pattern may match nothing (a variant of the family lacks it)
 

@@ -47,21 +47,38 @@ def _describe(ranges: Ranges) -> str:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x @ W[out_ranges].T: output features split across ranks, no communication."""
+    """y_local = x @ W[out_ranges].T: output features split across ranks, no communication.
 
-    def __init__(self, in_features: int, out_ranges: Ranges, bias: bool, **factory):
+    With `gather_output` (for small outputs a whole-width op reads next, like adaLN modulation) every
+    rank gets the full y: each writes its columns into zeros and one all-reduce sums them (exact:
+    the other ranks add zeros).
+    """
+
+    def __init__(self, in_features: int, out_ranges: Ranges, bias: bool, gather_output_width: int | None = None,
+                 **factory):
         super().__init__()
         slices = ShardSlices(0, out_ranges)
         self.in_features, self.out_features = in_features, slices.width
+        self.gather_output_width = gather_output_width
         self.weight = _parameter((self.out_features, in_features), slices, **factory)
         self.bias = _parameter((self.out_features,), slices, **factory) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output_width is None:
+            return y
+        full = y.new_zeros(*y.shape[:-1], self.gather_output_width)
+        offset = 0
+        for start, end in shard_slices(self.weight).ranges:
+            full[..., start:end] = y[..., offset : offset + end - start]
+            offset += end - start
+        return parallel_state.all_reduce(full)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
-        return f"in_features={self.in_features}, out_features={ranges}, bias={self.bias is not None}, no all-reduce"
+        communication = "no all-reduce" if self.gather_output_width is None else (
+            f"output gathered to {self.gather_output_width} by all-reduce")
+        return f"in_features={self.in_features}, out_features={ranges}, bias={self.bias is not None}, {communication}"
 
 
 class RowParallelLinear(nn.Module):

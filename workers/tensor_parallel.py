@@ -66,7 +66,7 @@ class ShardPlanner:
         return offset + start, offset + end
 
     def ranges(self, rule: LayerRule, name: str, linear: nn.Linear) -> Ranges:
-        size = linear.out_features if rule.style == "colwise" else linear.in_features
+        size = linear.out_features if rule.style.startswith("colwise") else linear.in_features
         inner = self.layout.heads * self.layout.head_dim
         if rule.split == "heads":
             if size != inner:
@@ -106,8 +106,9 @@ def _rule_for(plan: TensorParallelPlan, name: str) -> LayerRule | None:
 def _sharded(linear: nn.Linear, rule: LayerRule, ranges: Ranges) -> nn.Module:
     factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
     has_bias = linear.bias is not None
-    if rule.style == "colwise":
-        return ColumnParallelLinear(linear.in_features, ranges, has_bias, **factory)
+    if rule.style.startswith("colwise"):
+        gather = linear.out_features if rule.style == "colwise_gather" else None
+        return ColumnParallelLinear(linear.in_features, ranges, has_bias, gather, **factory)
     return RowParallelLinear(ranges, linear.out_features, has_bias, **factory)
 
 
