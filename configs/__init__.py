@@ -4,7 +4,10 @@ Every layer may read this package; it imports nothing from server/, engine/ or w
 """
 
 from configs.families import (
+    AttentionRule,
+    BufferRule,
     FamilyConfig,
+    HeadLayout,
     LayerRule,
     SizeLimits,
     TensorParallelPlan,
@@ -12,6 +15,8 @@ from configs.families import (
     family_for_pipeline_class,
     load_all_families,
     load_family,
+    load_published_models,
+    load_text_encoder_plans,
 )
 from configs.sampling import (
     MAX_GUIDANCE_SCALE,
@@ -24,7 +29,10 @@ from configs.sampling import (
 )
 
 __all__ = [
+    "AttentionRule",
+    "BufferRule",
     "FamilyConfig",
+    "HeadLayout",
     "LayerRule",
     "MAX_GUIDANCE_SCALE",
     "MAX_INFERENCE_STEPS",
@@ -39,4 +47,6 @@ __all__ = [
     "family_for_pipeline_class",
     "load_all_families",
     "load_family",
+    "load_published_models",
+    "load_text_encoder_plans",
 ]

@@ -37,23 +37,54 @@ class SizeLimits(_Strict):
         return max(self.min, min(self.max, rounded))
 
 
+class HeadLayout(_Strict):
+    """Where a model's config keeps its attention shape (dotted keys reach nested configs)."""
+
+    heads: str  # the number of query heads
+    kv_heads: str | None = None  # the number of key/value heads (GQA); unset: as many as query heads
+    head_dim: str | None = None  # head_dim ...
+    width: str | None = None  # ... or the width, head_dim = width / heads
+
+
+class AttentionRule(_Strict):
+    """Attention modules matching `pattern` get these attributes set to this rank's values:
+    heads, kv_heads, groups (query heads per KV head), width (heads x head_dim), kv_width."""
+
+    pattern: str
+    layout: str = "main"
+    local: dict[str, Literal["heads", "kv_heads", "groups", "width", "kv_width"]]
+
+
 class LayerRule(_Strict):
-    """Linears whose full name matches `pattern` are split: colwise (outputs), colwise_gather (outputs,
-    gathered whole again after the layer: for small outputs like adaLN modulation), rowwise (inputs),
-    or packed_rowwise (inputs are cat([per-head part, evenly split part])). `split` says how."""
+    """nn.Linear (or nn.Embedding, whose output is its embedding dim) modules matching `pattern`.
+
+    style: colwise (outputs split), colwise_gather (outputs split, gathered whole after the layer:
+    for small outputs like adaLN modulation and token embeddings), rowwise (inputs split, one
+    all-reduce), packed_rowwise (inputs are cat([per-head part, evenly split part])).
+    split: heads / kv_heads (by this rank's query / KV heads x head_dim), per_head (one feature per
+    head), qkv (a fused [q; k; v] projection), even, heads+even (packed).
+    """
 
     pattern: str
     style: Literal["colwise", "colwise_gather", "rowwise", "packed_rowwise"]
-    split: Literal["heads", "even", "heads+even"]
-    optional: bool = False  # the pattern may match nothing (a variant of the family lacks it)
+    split: Literal["heads", "kv_heads", "per_head", "qkv", "even", "heads+even"]
+    layout: str = "main"
+    optional: bool = False  # the pattern may match nothing (a variant of the model lacks it)
+
+
+class BufferRule(_Strict):
+    """A large table buffer (a position-embedding grid) split on its last dim; the output of the
+    owning module's method `gathered` is gathered whole again."""
+
+    pattern: str  # the buffer's full name, e.g. "pos_embed.pos_embed"
+    gathered: str
 
 
 class TensorParallelPlan(_Strict):
-    heads_key: str  # transformer config key holding the number of attention heads
-    head_dim_key: str | None = None  # config key holding head_dim ...
-    dim_key: str | None = None  # ... or the model width, head_dim = width / heads
-    attention: list[str]  # attention modules whose `heads` becomes this rank's head count
+    layouts: dict[str, HeadLayout]
+    attention: list[AttentionRule]
     layers: list[LayerRule]
+    buffers: list[BufferRule] = []
 
 
 class TinyRecipe(_Strict):
@@ -87,9 +118,18 @@ class FamilyConfig(_Strict):
 def load_all_families() -> dict[str, FamilyConfig]:
     families = {}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if path.name in ("published.yaml", "text_encoders.yaml"):
+            continue
         family = FamilyConfig.model_validate(yaml.safe_load(path.read_text()))
         families[family.name] = family
     return families
+
+
+@functools.cache
+def load_text_encoder_plans() -> dict[str, TensorParallelPlan]:
+    """transformers model class name -> its tensor-parallel plan (configs/text_encoders.yaml)."""
+    entries = yaml.safe_load((CONFIG_DIR / "text_encoders.yaml").read_text())
+    return {name: TensorParallelPlan.model_validate(plan) for name, plan in entries.items()}
 
 
 def load_family(name: str) -> FamilyConfig:
@@ -105,3 +145,10 @@ def family_for_pipeline_class(pipeline_class: str) -> FamilyConfig:
             return family
     supported = ", ".join(f"{f.name} ({f.pipeline_class})" for f in load_all_families().values())
     raise ValueError(f"pipeline class {pipeline_class!r} is not supported; supported families: {supported}")
+
+
+@functools.cache
+def load_published_models() -> dict[str, dict[str, Any]]:
+    """Hub id -> {"pipeline_class": ..., component name: [library, class, config]} (configs/published.yaml)."""
+    entries = yaml.safe_load((CONFIG_DIR / "published.yaml").read_text())
+    return {hub_id: entry for hub_id, entry in entries.items() if not hub_id.startswith("_")}

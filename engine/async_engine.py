@@ -46,6 +46,7 @@ class EngineConfig:
     model: str
     parallel: DiffusionParallelConfig = DiffusionParallelConfig()
     dtype: str = "auto"
+    load_format: str = "auto"  # "dummy": full-size random weights from the configurations, no checkpoint
     default_overrides: OmniDiffusionSamplingParams = dataclasses.field(default_factory=OmniDiffusionSamplingParams)
     max_queue_size: int = 64  # requests waiting or running
     max_batch_size: int = 8  # images per pipeline call
@@ -225,9 +226,10 @@ class AsyncEngine:
 
     def _start_group(self) -> None:
         """Resolve, spawn, load and warm up (blocking: runs in a thread)."""
-        model = resolve_model(self.config.model)
+        model = resolve_model(self.config.model, configs_only=self.config.load_format == "dummy")
         model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
-        group = WorkerGroup(worker_spec(model, self.config.parallel, self.config.dtype), on_death=self._on_death)
+        spec = worker_spec(model, self.config.parallel, self.config.dtype, self.config.load_format)
+        group = WorkerGroup(spec, on_death=self._on_death)
         group.start()
         try:
             if self.config.warm_up:

@@ -1,21 +1,22 @@
 """Per-rank parameter memory of a model at a tensor-parallel size, computed on the meta device.
 
-Only config files are read, so it works for full-size models whose weights are not present.
+Only config files are read, so it works for full-size models whose weights are not present (the
+published ones resolve to the configurations in configs/published.yaml). Every component is built
+and sharded exactly as the ranks build it (workers.sharded_loading), so the report is what loads.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import accelerate
-import diffusers
 import torch
-import transformers
 
 from engine.model_resolver import ResolvedModel
 from workers.parallel_linear import shard_slices
-from workers.sharded_loading import build_meta_transformer
+from workers.sharded_loading import build_meta_component, holds_parameters, parameter_dtype, sharded_components
 from workers.tensor_parallel import apply_plan
 
 
@@ -24,70 +25,80 @@ class RankMemory:
     rank: int
     dit_sharded: int
     dit_replicated: int
-    text_encoders: int
+    text_encoders_sharded: int
+    text_encoders_replicated: int  # replicated parts of sharded encoders, plus whole encoders (rank 0)
     vae: int
 
     @property
+    def dit(self) -> int:
+        return self.dit_sharded + self.dit_replicated
+
+    @property
+    def text_encoders(self) -> int:
+        return self.text_encoders_sharded + self.text_encoders_replicated
+
+    @property
     def total(self) -> int:
-        return self.dit_sharded + self.dit_replicated + self.text_encoders + self.vae
+        return self.dit + self.text_encoders + self.vae
 
 
-def _element_count(module: torch.nn.Module) -> tuple[int, int]:
-    """(elements in tensor-parallel shards, elements replicated on every rank)."""
-    sharded = sum(p.numel() for p in module.parameters() if shard_slices(p) is not None)
-    everything = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
-    return sharded, everything - sharded
+def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes in tensor-parallel shards, bytes held whole), in the dtypes loading gives them."""
+    sharded = whole = 0
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        kept = tensor.dtype if not tensor.is_floating_point() else parameter_dtype(module, name, dtype)
+        size = tensor.numel() * torch.empty((), dtype=kept).element_size()
+        if shard_slices(tensor) is not None:
+            sharded += size
+        else:
+            whole += size
+    return sharded, whole
 
 
-def _component_elements(model: ResolvedModel, library_name: str) -> int:
-    """Elements of every model component of `model` that comes from `library_name`, on meta."""
+def memory_report(
+    model: ResolvedModel, world_size: int, dtype: torch.dtype, ranks: Iterable[int] | None = None
+) -> list[RankMemory]:
+    """Bytes per rank (all ranks, or those in `ranks`) as loading `model` at `world_size` holds them."""
     index = json.loads((model.path / "model_index.json").read_text())
-    total = 0
+    sharded = {c.name: c for c in sharded_components(model.family, model.path)}
+    whole = {"transformers": 0, "diffusers": 0}  # components rank 0 holds whole: encoders without a plan, VAE
     for name, entry in index.items():
-        if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or entry[0] != library_name:
+        if name.startswith("_") or name in sharded or not isinstance(entry, list):
             continue
-        component_class = getattr(transformers if library_name == "transformers" else diffusers, entry[1])
-        with accelerate.init_empty_weights():
-            if library_name == "transformers":
-                if not issubclass(component_class, transformers.PreTrainedModel):
-                    continue  # tokenizers, processors
-                config = transformers.AutoConfig.from_pretrained(model.path / name)
-                module = component_class._from_config(config)
-            else:
-                if not issubclass(component_class, diffusers.ModelMixin):
-                    continue  # schedulers
-                module = component_class.from_config(component_class.load_config(model.path / name))
-        total += sum(_element_count(module))
-    return total
-
-
-def memory_report(model: ResolvedModel, world_size: int, dtype: torch.dtype) -> list[RankMemory]:
-    element_size = torch.empty((), dtype=dtype).element_size()
-    text_encoders = _component_elements(model, "transformers") * element_size
-    vae = _component_elements(model, "diffusers") * element_size
-    ranks = []
-    for rank in range(world_size):
-        transformer = build_meta_transformer(model.family, model.path / "transformer")
-        apply_plan(transformer, model.family.tensor_parallel, rank, world_size)
-        sharded, replicated = _element_count(transformer)
+        library, class_name = entry
+        if holds_parameters(library, class_name):  # not a tokenizer, processor or scheduler
+            whole[library] += sum(_bytes(build_meta_component(library, class_name, model.path / name), dtype))
+    built = {name: build_meta_component(c.library, c.class_name, model.path / name) for name, c in sharded.items()}
+    report = []
+    for rank in range(world_size) if ranks is None else ranks:
+        counts = {}
+        for name, component in sharded.items():
+            module = copy.deepcopy(built[name])  # cheaper than building again (tables computed at init)
+            if world_size > 1:
+                apply_plan(module, component.plan, rank, world_size)
+            counts[name] = _bytes(module, dtype)
+        encoders = [counts[name] for name in counts if name != "transformer"]
         on_driver = rank == 0
-        ranks.append(RankMemory(
+        report.append(RankMemory(
             rank=rank,
-            dit_sharded=sharded * element_size,
-            dit_replicated=replicated * element_size,
-            text_encoders=text_encoders if on_driver else 0,
-            vae=vae if on_driver else 0,
+            dit_sharded=counts["transformer"][0],
+            dit_replicated=counts["transformer"][1],
+            text_encoders_sharded=sum(s for s, _ in encoders),
+            text_encoders_replicated=sum(r for _, r in encoders) + whole["transformers"] * on_driver,
+            vae=whole["diffusers"] * on_driver,
         ))
-    return ranks
+    return report
+
+
+def format_size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
 
 
 def format_report(model: ResolvedModel, world_size: int, dtype_name: str, ranks: list[RankMemory]) -> str:
-    def size(count: int) -> str:
-        return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
-
-    header = ("rank", "DiT shard", "DiT replicated", "text encoders", "VAE", "total")
+    header = ("rank", "DiT shard", "DiT replicated", "text enc. shard", "text enc. whole", "VAE", "total")
     rows = [header] + [
-        (str(r.rank), size(r.dit_sharded), size(r.dit_replicated), size(r.text_encoders), size(r.vae), size(r.total))
+        (str(r.rank), *map(format_size, (r.dit_sharded, r.dit_replicated, r.text_encoders_sharded,
+                                          r.text_encoders_replicated, r.vae, r.total)))
         for r in ranks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

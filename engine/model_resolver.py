@@ -1,7 +1,9 @@
 """Turns what a user passes as `model=` into a local diffusers folder and its model family.
 
 Accepted: a built-in tiny model ("tiny/z-image"), a local diffusers folder, or a Hugging Face
-hub id (looked up in the local hub cache first, downloaded only when the hub is reachable).
+hub id (looked up in the local hub cache first, downloaded only when the hub is reachable). Where
+only configurations are needed (the memory report, `--load-format dummy`), a published hub id
+that is not on disk resolves to the configuration folder the project carries.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import huggingface_hub
 
 from configs import FamilyConfig, OmniDiffusionSamplingParams, family_for_pipeline_class, load_family
+from engine.published_models import cached_published_configs, published_model_ids
 from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
 DEFAULT_MODEL = "tiny/z-image"
@@ -26,8 +29,11 @@ class ResolvedModel:
     defaults: OmniDiffusionSamplingParams
 
 
-def resolve_model(model: str) -> ResolvedModel:
-    """Raise ValueError with what was wrong and what would work when `model` cannot be used."""
+def resolve_model(model: str, configs_only: bool = False) -> ResolvedModel:
+    """Raise ValueError with what was wrong and what would work when `model` cannot be used.
+
+    configs_only: the caller reads configurations, never weights.
+    """
     if model.startswith(TINY_PREFIX):
         if model not in tiny_model_names():
             raise ValueError(f"unknown tiny model {model!r}; built-in: {', '.join(tiny_model_names())}")
@@ -35,7 +41,12 @@ def resolve_model(model: str) -> ResolvedModel:
         path = cached_tiny_model(model)
         return ResolvedModel(model, path, family, family.defaults.overridden_by(family.tiny.defaults))
     local = Path(model).expanduser()
-    path = local if local.is_dir() else _hub_snapshot(model)
+    if local.is_dir():
+        path = local
+    elif configs_only and model in published_model_ids() and _local_snapshot(model) is None:
+        path = cached_published_configs(model)
+    else:
+        path = _hub_snapshot(model)
     family = _family_of(path, model)
     return ResolvedModel(model, path, family, family.defaults)
 
@@ -46,10 +57,9 @@ def _hub_snapshot(model: str) -> Path:
             f"model {model!r} is not a local directory, not a built-in tiny model "
             f"({', '.join(tiny_model_names())}) and not a Hugging Face id of the form 'org/name'"
         )
-    try:
-        return Path(huggingface_hub.snapshot_download(model, local_files_only=True))
-    except huggingface_hub.errors.LocalEntryNotFoundError:
-        pass
+    snapshot = _local_snapshot(model)
+    if snapshot is not None:
+        return snapshot
     try:
         return Path(huggingface_hub.snapshot_download(model))
     except Exception as exc:
@@ -59,6 +69,13 @@ def _hub_snapshot(model: str) -> Path:
             f"(`hf download {model}`) and copy the cache to HF_HOME here, or pass the path of a "
             f"local diffusers folder"
         ) from None
+
+
+def _local_snapshot(model: str) -> Path | None:
+    try:
+        return Path(huggingface_hub.snapshot_download(model, local_files_only=True))
+    except (huggingface_hub.errors.LocalEntryNotFoundError, huggingface_hub.errors.HFValidationError):
+        return None
 
 
 def _family_of(path: Path, model: str) -> FamilyConfig:

@@ -27,10 +27,13 @@ class Omni:
         model: str = DEFAULT_MODEL,
         parallel_config: DiffusionParallelConfig | None = None,
         dtype: str = "auto",
+        load_format: str = "auto",
     ):
+        """load_format="dummy" builds the full-size model from its configuration with random
+        weights (a published hub id needs nothing on disk): latency and memory at true size."""
         self.parallel_config = parallel_config or DiffusionParallelConfig()
-        self.model: ResolvedModel = resolve_model(model)
-        self._group = WorkerGroup(worker_spec(self.model, self.parallel_config, dtype))
+        self.model: ResolvedModel = resolve_model(model, configs_only=load_format == "dummy")
+        self._group = WorkerGroup(worker_spec(self.model, self.parallel_config, dtype, load_format))
         self._group.start()
 
     def generate(

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+import transformers
 
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
 from workers import WorkerSpec
+from workers.sharded_loading import sharded_components
 from workers.tensor_parallel import ShardPlanner
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,11 +26,18 @@ class DiffusionParallelConfig:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
 
 
-def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto") -> WorkerSpec:
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def worker_spec(
+    model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto"
+) -> WorkerSpec:
     """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
     check_tensor_parallel_size(model, parallel.tensor_parallel_size)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}")
     world_size = parallel.tensor_parallel_size
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if 0 < cuda_devices < world_size:
@@ -48,11 +57,21 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: 
         dtype=dtype,
         master_port=free_port(),
         threads_per_rank=max(1, usable_cores() // world_size),
+        load_format=load_format,
     )
 
 
 def check_tensor_parallel_size(model: ResolvedModel, world_size: int) -> None:
-    """Fail before any process starts when the heads cannot be split over `world_size` ranks."""
-    transformer_class = getattr(diffusers, model.family.transformer_class)
-    config = transformer_class.load_config(model.path / "transformer")
-    ShardPlanner(model.family.tensor_parallel, config, rank=0, world_size=world_size)
+    """Fail before any process starts when a sharded component cannot be split over `world_size` ranks."""
+    for component in sharded_components(model.family, model.path):
+        directory = model.path / component.name
+        if component.library == "transformers":
+            config = transformers.AutoConfig.from_pretrained(directory)
+        else:
+            config = getattr(diffusers, component.class_name).load_config(directory)
+        try:
+            ShardPlanner(component.plan, config, rank=0, world_size=world_size)
+        except ValueError as exc:
+            if component.name == "transformer":
+                raise
+            raise ValueError(f"{component.name} ({component.class_name}): {exc}") from None

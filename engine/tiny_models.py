@@ -185,6 +185,26 @@ def build_tiny_pipeline(family_name: str) -> diffusers.DiffusionPipeline:
     return getattr(diffusers, family.pipeline_class)(**components)
 
 
+def tiny_text_tools(family_name: str) -> dict[str, Any]:
+    """The family's tokenizers (and processor) as the tiny models have them: byte-level, no files.
+    `--load-format dummy` uses them with full-size random models (every id is a valid token)."""
+    components = _COMPONENT_BUILDERS[family_name](load_family(family_name))
+    return {name: value for name, value in components.items() if not isinstance(value, torch.nn.Module)}
+
+
+def save_text_tools(tools: dict[str, Any], directory: Path) -> dict[str, list[str]]:
+    """Save tokenizers and processor under `directory`; their model_index.json entries."""
+    entries = {}
+    for name, tool in tools.items():
+        tool.save_pretrained(directory / name)
+        entries[name] = ["transformers", type(tool).__name__]
+        if isinstance(tool, Qwen2VLImageOnlyProcessor):
+            # Record the stock class name so the folder is an ordinary Qwen-Image-Edit checkpoint.
+            entries[name] = ["transformers", "Qwen2VLProcessor"]
+            _rewrite_json(directory / name / "processor_config.json", processor_class="Qwen2VLProcessor")
+    return entries
+
+
 def write_tiny_model(family_name: str, directory: str | Path) -> Path:
     """Write the tiny `family_name` pipeline to `directory` as a diffusers checkpoint."""
     if family_name not in _COMPONENT_BUILDERS:

@@ -17,7 +17,7 @@ import uvicorn
 from configs import OmniDiffusionSamplingParams
 from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
 from engine.memory_report import format_report, memory_report
-from engine.parallel_config import DTYPES
+from engine.parallel_config import DTYPES, LOAD_FORMATS
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
 
 
@@ -27,7 +27,7 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
 
 def _memory(args: argparse.Namespace) -> None:
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, configs_only=True)
     ranks = memory_report(model, args.tensor_parallel_size, getattr(torch, args.dtype))
     print(format_report(model, args.tensor_parallel_size, args.dtype, ranks))
 
@@ -75,6 +75,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                        help="auto (default): read the checkpoint; dummy: build the full-size model from its "
+                             "configuration with random weights (published hub ids need nothing on disk)")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
                              "and n run together (default 8; 1 turns batching off)")
@@ -126,12 +129,14 @@ def serve_main(argv: list[str] | None = None) -> None:
             model=args.model,
             parallel=DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
             dtype=args.dtype,
+            load_format=args.load_format,
             default_overrides=_sampling_overrides(args.default_sampling_params),
             max_queue_size=args.max_queue_size,
             max_batch_size=args.max_batch_size,
             request_timeout_s=args.request_timeout,
         ))
-        resolve_model(args.model)  # a bad name fails here, before anything starts
+        # a bad name fails here, before anything starts
+        resolve_model(args.model, configs_only=args.load_format == "dummy")
     except ValueError as exc:
         raise SystemExit(f"serve: error: {exc}")
     settings = ServerSettings(

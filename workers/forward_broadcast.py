@@ -1,8 +1,9 @@
-"""How followers learn what to run: the driver broadcasts every DiT forward call's inputs.
+"""How followers learn what to run: the driver broadcasts every sharded module's forward call.
 
-On the driver a forward pre-hook sends (command, argument tree) as one pickled object and each
-tensor with a real broadcast (NCCL or gloo), so followers run the same sharded forward on the
-same inputs. Every decision (next step, stop) is taken on the driver and arrives as a command.
+On the driver a forward pre-hook on each sharded module (the DiT, the text encoders) sends
+(command, (module name, args, kwargs)) as one pickled object and each tensor with a real broadcast
+(NCCL or gloo), so followers run the same sharded forward on the same inputs. Every decision
+(next step, stop) is taken on the driver and arrives as a command.
 """
 
 from __future__ import annotations
@@ -94,22 +95,22 @@ def _strip_slots(tree: Any, slots: list[_TensorSlot]) -> None:
             _strip_slots(value, slots)
 
 
-def install_driver_hook(transformer: nn.Module) -> None:
-    """Make every forward call of the driver's transformer first reach the followers."""
+def install_driver_hook(name: str, module: nn.Module) -> None:
+    """Make every forward call of the driver's module `name` first reach the followers."""
 
     def broadcast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        send(FORWARD, (args, kwargs))
+        send(FORWARD, (name, args, kwargs))
 
-    transformer.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
+    module.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
 
 
 @torch.inference_mode()
-def follow(transformer: nn.Module) -> None:
-    """Follower loop: run each broadcast forward until the driver says stop."""
+def follow(modules: dict[str, nn.Module]) -> None:
+    """Follower loop: run each broadcast forward on the named module until the driver says stop."""
     while True:
         command, tree = receive()
         if command == STOP:
             return
         if command == FORWARD:
-            args, kwargs = tree
-            transformer(*args, **kwargs)
+            name, args, kwargs = tree
+            modules[name](*args, **kwargs)

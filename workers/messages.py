@@ -25,6 +25,7 @@ class WorkerSpec:
     dtype: str  # torch dtype name, e.g. "float32"
     master_port: int
     threads_per_rank: int
+    load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Megatron-style tensor-parallel Linear layers that hold only this rank's slice of the weight.
+"""Megatron-style tensor-parallel Linear and Embedding layers that hold only this rank's slice of the weight.
 
 Each sharded parameter records which ranges of which dimension of the full checkpoint tensor it
 holds (`shard_slices`), so the loader reads exactly that slice from the safetensors file.
@@ -46,12 +46,28 @@ def _describe(ranges: Ranges) -> str:
     return "+".join(f"[{start}:{end}]" for start, end in ranges)
 
 
+def gather_columns(local: torch.Tensor, ranges: Ranges, width: int) -> torch.Tensor:
+    """The full-width output from every rank's columns: each writes its own into zeros, one
+    all-reduce sums them (exact: the other ranks add zeros)."""
+    full = local.new_zeros(*local.shape[:-1], width)
+    offset = 0
+    for start, end in ranges:
+        full[..., start:end] = local[..., offset : offset + end - start]
+        offset += end - start
+    return parallel_state.all_reduce(full)
+
+
+def _communication(gather_output_width: int | None) -> str:
+    if gather_output_width is None:
+        return "no all-reduce"
+    return f"output gathered to {gather_output_width} by all-reduce"
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x @ W[out_ranges].T: output features split across ranks, no communication.
 
-    With `gather_output` (for small outputs a whole-width op reads next, like adaLN modulation) every
-    rank gets the full y: each writes its columns into zeros and one all-reduce sums them (exact:
-    the other ranks add zeros).
+    With `gather_output_width` (for small outputs a whole-width op reads next, like adaLN
+    modulation) every rank gets the full y.
     """
 
     def __init__(self, in_features: int, out_ranges: Ranges, bias: bool, gather_output_width: int | None = None,
@@ -67,18 +83,38 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output_width is None:
             return y
-        full = y.new_zeros(*y.shape[:-1], self.gather_output_width)
-        offset = 0
-        for start, end in shard_slices(self.weight).ranges:
-            full[..., start:end] = y[..., offset : offset + end - start]
-            offset += end - start
-        return parallel_state.all_reduce(full)
+        return gather_columns(y, shard_slices(self.weight).ranges, self.gather_output_width)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
-        communication = "no all-reduce" if self.gather_output_width is None else (
-            f"output gathered to {self.gather_output_width} by all-reduce")
+        communication = _communication(self.gather_output_width)
         return f"in_features={self.in_features}, out_features={ranges}, bias={self.bias is not None}, {communication}"
+
+
+class ParallelEmbedding(nn.Module):
+    """An embedding table split on its embedding dim: each rank looks up its columns of every row.
+
+    Splitting columns rather than the vocabulary keeps the lookup local; with `gather_output_width`
+    the full-width embeddings are gathered (a few hundred tokens wide: cheap).
+    """
+
+    def __init__(self, num_embeddings: int, dim_ranges: Ranges, padding_idx: int | None,
+                 gather_output_width: int | None = None, **factory):
+        super().__init__()
+        slices = ShardSlices(1, dim_ranges)
+        self.num_embeddings, self.embedding_dim = num_embeddings, slices.width
+        self.padding_idx, self.gather_output_width = padding_idx, gather_output_width
+        self.weight = _parameter((num_embeddings, self.embedding_dim), slices, **factory)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = F.embedding(ids, self.weight, self.padding_idx)
+        if self.gather_output_width is None:
+            return local
+        return gather_columns(local, shard_slices(self.weight).ranges, self.gather_output_width)
+
+    def extra_repr(self) -> str:
+        ranges = _describe(shard_slices(self.weight).ranges)
+        return f"{self.num_embeddings}, embedding_dim={ranges}, {_communication(self.gather_output_width)}"
 
 
 class RowParallelLinear(nn.Module):

@@ -1,48 +1,117 @@
-"""Loads this rank's shard of the DiT without ever materialising the full model.
+"""Loads this rank's shard of a pipeline component (the DiT, a text encoder) without ever
+materialising the whole component.
 
-The transformer is built with parameters on the meta device (buffers stay real), the TP plan is
-applied, and each parameter is then read from the safetensors files: sharded ones as slices
-(`safe_open(...).get_slice`), the rest whole.
+The component is built with parameters on the meta device (buffers stay real), its TP plan is
+applied, and each parameter is then read from the safetensors files (one file, or several with an
+index): sharded ones as slices (`safe_open(...).get_slice`), the rest whole. transformers models
+whose checkpoints use older key names are read through transformers' own renaming table.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import accelerate
 import diffusers
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 
-from configs import FamilyConfig
+from configs import FamilyConfig, TensorParallelPlan, load_text_encoder_plans
 from workers.parallel_linear import ShardSlices, set_shard_slices, shard_slices
 from workers.tensor_parallel import apply_plan
 
 
-def build_meta_transformer(family: FamilyConfig, transformer_dir: Path) -> nn.Module:
-    """The transformer with every parameter on the meta device (no memory), eval mode."""
-    model_class = getattr(diffusers, family.transformer_class)
-    config = model_class.load_config(transformer_dir)
+@dataclass(frozen=True)
+class ShardedComponent:
+    """A pipeline component every rank holds a slice of."""
+
+    name: str  # its name in the pipeline: "transformer", "text_encoder", ...
+    library: str  # "diffusers" or "transformers"
+    class_name: str
+    plan: TensorParallelPlan
+
+
+def sharded_components(family: FamilyConfig, model_path: Path) -> list[ShardedComponent]:
+    """The DiT and every text encoder that has a TP plan (configs/text_encoders.yaml)."""
+    index = json.loads((model_path / "model_index.json").read_text())
+    components = [ShardedComponent("transformer", "diffusers", family.transformer_class, family.tensor_parallel)]
+    plans = load_text_encoder_plans()
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry[0] == "transformers" and entry[1] in plans:
+            components.append(ShardedComponent(name, "transformers", entry[1], plans[entry[1]]))
+    return components
+
+
+def build_meta_component(library: str, class_name: str, directory: Path) -> nn.Module:
+    """The component with every parameter on the meta device (no memory), eval mode."""
     with accelerate.init_empty_weights(include_buffers=False):
-        model = model_class.from_config(config)
+        if library == "transformers":
+            model = getattr(transformers, class_name)._from_config(transformers.AutoConfig.from_pretrained(directory))
+        else:
+            model_class = getattr(diffusers, class_name)
+            model = model_class.from_config(model_class.load_config(directory))
     return model.eval().requires_grad_(False)
 
 
-def load_transformer_shard(
-    family: FamilyConfig, transformer_dir: Path, rank: int, world_size: int,
-    device: torch.device, dtype: torch.dtype,
+def random_unsharded_models(
+    model_path: Path, skip: set[str], device: torch.device, dtype: torch.dtype
+) -> dict[str, nn.Module]:
+    """Every model of the pipeline not in `skip` (the VAE, encoders without a plan), random."""
+    index = json.loads((model_path / "model_index.json").read_text())
+    models = {}
+    for name, entry in index.items():
+        if name in skip or not isinstance(entry, list) or not holds_parameters(*entry):
+            continue
+        models[name] = build_meta_component(*entry, model_path / name)
+        initialize_randomly(models[name], device, dtype)
+        _cast_buffers(models[name], dtype)
+    return models
+
+
+def holds_parameters(library: str, class_name: str) -> bool:
+    """A model class (not a tokenizer, processor or scheduler)."""
+    if library == "transformers":
+        return issubclass(getattr(transformers, class_name, object), transformers.PreTrainedModel)
+    return library == "diffusers" and issubclass(getattr(diffusers, class_name, object), diffusers.ModelMixin)
+
+
+def load_component_shard(
+    component: ShardedComponent, directory: Path, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+    dummy: bool = False,
 ) -> nn.Module:
-    model = build_meta_transformer(family, transformer_dir)
+    """This rank's shard, read from the checkpoint, or random (dummy: no weights needed)."""
+    model = build_meta_component(component.library, component.class_name, directory)
     if world_size > 1:
-        apply_plan(model, family.tensor_parallel, rank, world_size)
-    _load_parameters(model, _tensor_files(transformer_dir), device, dtype)
+        apply_plan(model, component.plan, rank, world_size)
+    if dummy:
+        initialize_randomly(model, device, dtype)
+    else:
+        _load_parameters(model, _tensor_locations(model, directory), device, dtype)
     _cast_buffers(model, dtype)
     return model.to(device=device)
 
 
-def _dtype_for(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+def initialize_randomly(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Materialise every meta parameter on `device`: N(0, 0.02) matrices, unit norm weights, zero biases.
+
+    Each tensor is seeded by its name, so parameters held whole are equal on every rank.
+    """
+    for name, parameter in model.named_parameters():
+        tensor = torch.empty(parameter.shape, dtype=parameter_dtype(model, name, dtype), device=device)
+        if parameter.dim() > 1:
+            generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+            tensor.normal_(0.0, 0.02, generator=generator)
+        else:
+            tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+        _assign(model, name, tensor, parameter)
+
+
+def parameter_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
     """float32 for the modules the model class says must stay in float32, else `dtype`."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     return torch.float32 if any(part in keep for part in name.split(".")) else dtype
@@ -53,46 +122,74 @@ def _cast_buffers(model: nn.Module, dtype: torch.dtype) -> None:
         if buffer.is_floating_point():
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
-            owner._buffers[attribute] = buffer.to(_dtype_for(model, name, dtype))
+            owner._buffers[attribute] = buffer.to(parameter_dtype(model, name, dtype))
 
 
-def _tensor_files(transformer_dir: Path) -> dict[str, Path]:
+def _tensor_files(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file that holds it."""
-    indexes = list(transformer_dir.glob("*.safetensors.index.json"))
+    indexes = list(directory.glob("*.safetensors.index.json"))
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return {name: transformer_dir / file for name, file in weight_map.items()}
+        return {name: directory / file for name, file in weight_map.items()}
     files = {}
-    for path in sorted(transformer_dir.glob("*.safetensors")):
+    for path in sorted(directory.glob("*.safetensors")):
         with safe_open(path, framework="pt") as handle:
             files.update(dict.fromkeys(handle.keys(), path))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {transformer_dir}")
+        raise FileNotFoundError(f"no .safetensors weights in {directory}")
     return files
 
 
-def _load_parameters(model: nn.Module, files: dict[str, Path], device: torch.device, dtype: torch.dtype) -> None:
+def _tensor_locations(model: nn.Module, directory: Path) -> dict[str, tuple[Path, str]]:
+    """Model tensor name -> (file, checkpoint key) for every tensor the checkpoint holds."""
+    files = _tensor_files(directory)
+    if not isinstance(model, transformers.PreTrainedModel):
+        return {key: (path, key) for key, path in files.items()}
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    expected = dict(model.state_dict())
+    locations = {}
+    for key, path in files.items():
+        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if converter is not None:
+            raise ValueError(f"{directory}: {key} needs transformers' tensor conversion, which sharded loading lacks")
+        locations[name] = (path, key)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict):  # a tied tensor absent from the checkpoint is read from its source
+        for target, source in tied.items():
+            if target not in locations and source in locations:
+                locations[target] = locations[source]
+    return locations
+
+
+def _load_parameters(
+    model: nn.Module, locations: dict[str, tuple[Path, str]], device: torch.device, dtype: torch.dtype
+) -> None:
     wanted = dict(model.named_parameters())
-    wanted.update((n, b) for n, b in model.named_buffers() if n in files)
-    missing = sorted(set(wanted) - set(files))
+    wanted.update((n, b) for n, b in model.named_buffers() if n in locations)
+    missing = sorted(set(wanted) - set(locations))
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) {type(model).__name__} needs, e.g. {missing[:3]}")
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
+        by_file.setdefault(locations[name][0], []).append(name)
     for path, names in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as handle:
             for name in names:
-                tensor = _read(handle, name, shard_slices(wanted[name]))
+                tensor = _read(handle, locations[name][1], shard_slices(wanted[name]))
                 if tensor.is_floating_point():
-                    tensor = tensor.to(_dtype_for(model, name, dtype))
+                    tensor = tensor.to(parameter_dtype(model, name, dtype))
                 _assign(model, name, tensor.to(device), wanted[name])
 
 
-def _read(handle, name: str, slices: ShardSlices | None) -> torch.Tensor:
+def _read(handle, key: str, slices: ShardSlices | None) -> torch.Tensor:
     if slices is None:
-        return handle.get_tensor(name)
-    view = handle.get_slice(name)
+        return handle.get_tensor(key)
+    view = handle.get_slice(key)
     index = [slice(None)] * len(view.get_shape())
     parts = []
     for start, end in slices.ranges:

@@ -1,19 +1,30 @@
-"""Applies a family's tensor-parallel plan (configs/) to a transformer built on the meta device.
+"""Applies a tensor-parallel plan (configs/) to a model built on the meta device: a DiT or a text encoder.
 
-Matching nn.Linear modules are replaced by Column/RowParallelLinear holding this rank's slice;
-attention modules get their local head count (and inner width). Heads are split as evenly as possible (30 heads
-over 4 ranks: 8/8/7/7); other sharded dimensions are split evenly on their own.
+Matching nn.Linear / nn.Embedding modules are replaced by parallel layers holding this rank's
+slice; attention modules get their local head counts. Heads are split as evenly as possible (30
+heads over 4 ranks: 8/8/7/7). With grouped-query attention the KV heads are split and each rank
+takes the query heads of its KV heads; with fewer KV heads than ranks, ranks sharing a KV head each
+hold a copy of it and split its query heads. Other dimensions are split evenly on their own.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-from configs import LayerRule, TensorParallelPlan
-from workers.parallel_linear import ColumnParallelLinear, Ranges, RowParallelLinear
+from configs import BufferRule, LayerRule, TensorParallelPlan
+from workers.parallel_linear import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    Ranges,
+    RowParallelLinear,
+    ShardSlices,
+    gather_columns,
+    set_shard_slices,
+)
 
 
 def even_partition(size: int, parts: int, dimension: str) -> list[tuple[int, int]]:
@@ -32,84 +43,168 @@ def even_partition(size: int, parts: int, dimension: str) -> list[tuple[int, int
     return bounds
 
 
+def config_value(config, dotted_key: str):
+    """config["a"]["b"] or config.a.b for "a.b" (diffusers configs are dicts, transformers' objects)."""
+    value = config
+    for key in dotted_key.split("."):
+        value = value[key] if isinstance(value, Mapping) else getattr(value, key)
+    return value
+
+
 @dataclass(frozen=True)
-class HeadLayout:
-    heads: int
+class HeadShare:
+    """This rank's query heads and KV heads, as [start, end) head indices."""
+
+    heads: tuple[int, int]
+    kv_heads: tuple[int, int]
     head_dim: int
-
-    @classmethod
-    def of(cls, plan: TensorParallelPlan, config) -> "HeadLayout":
-        heads = config[plan.heads_key]
-        head_dim = config[plan.head_dim_key] if plan.head_dim_key else config[plan.dim_key] // heads
-        return cls(heads, head_dim)
-
-
-class ShardPlanner:
-    """Computes this rank's ranges for every rule of the plan."""
-
-    def __init__(self, plan: TensorParallelPlan, config, rank: int, world_size: int):
-        self.plan, self.rank, self.world_size = plan, rank, world_size
-        self.layout = HeadLayout.of(plan, config)
-        self.head_bounds = even_partition(self.layout.heads, world_size, f"{plan.heads_key} (attention heads)")
 
     @property
     def local_heads(self) -> int:
-        start, end = self.head_bounds[self.rank]
-        return end - start
+        return self.heads[1] - self.heads[0]
 
-    def _heads_range(self, offset: int = 0) -> tuple[int, int]:
-        start, end = self.head_bounds[self.rank]
-        return offset + start * self.layout.head_dim, offset + end * self.layout.head_dim
+    @property
+    def local_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
 
-    def _even_range(self, size: int, name: str, offset: int = 0) -> tuple[int, int]:
+
+def head_shares(heads: int, kv_heads: int, head_dim: int, world_size: int, name: str) -> list[HeadShare]:
+    """Every rank's share of an attention layout (see the module docstring)."""
+    if heads % kv_heads:
+        raise ValueError(f"{name}: {heads} query heads are not a multiple of {kv_heads} KV heads")
+    group = heads // kv_heads
+    if kv_heads >= world_size or kv_heads == heads:
+        what = f"{name} (attention heads)" if group == 1 else f"{name} (KV heads)"
+        bounds = even_partition(kv_heads, world_size, what)
+        return [HeadShare((a * group, b * group), (a, b), head_dim) for a, b in bounds]
+    ranks_per_kv_head = world_size // kv_heads
+    if world_size % kv_heads or ranks_per_kv_head > group:
+        works = sorted({*range(1, kv_heads + 1), *(kv_heads * m for m in range(1, group + 1))})
+        raise ValueError(
+            f"cannot split {name}: {heads} query heads over {kv_heads} KV heads at tensor_parallel_size="
+            f"{world_size}; tensor-parallel sizes that work: {', '.join(map(str, works))}"
+        )
+    shares = []
+    for rank in range(world_size):
+        kv, part = divmod(rank, ranks_per_kv_head)
+        start, end = even_partition(group, ranks_per_kv_head, f"{name} (query heads per KV head)")[part]
+        shares.append(HeadShare((kv * group + start, kv * group + end), (kv, kv + 1), head_dim))
+    return shares
+
+
+class ShardPlanner:
+    """Computes this rank's ranges for every rule of a plan."""
+
+    def __init__(self, plan: TensorParallelPlan, config, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.shares: dict[str, HeadShare] = {}
+        self.heads_width: dict[str, int] = {}  # all ranks' query heads x head_dim, per layout
+        for name, layout in plan.layouts.items():
+            heads = config_value(config, layout.heads)
+            kv_heads = config_value(config, layout.kv_heads) if layout.kv_heads else heads
+            head_dim = (config_value(config, layout.head_dim) if layout.head_dim
+                        else config_value(config, layout.width) // heads)
+            self.shares[name] = head_shares(heads, kv_heads, head_dim, world_size, layout.heads)[rank]
+            self.heads_width[name] = heads * head_dim
+
+    def local_values(self, layout: str) -> dict[str, int]:
+        share = self.shares[layout]
+        return {
+            "heads": share.local_heads,
+            "kv_heads": share.local_kv_heads,
+            "groups": share.local_heads // share.local_kv_heads,
+            "width": share.local_heads * share.head_dim,
+            "kv_width": share.local_kv_heads * share.head_dim,
+        }
+
+    def even_range(self, size: int, name: str, offset: int = 0) -> tuple[int, int]:
         start, end = even_partition(size, self.world_size, f"{name} features")[self.rank]
         return offset + start, offset + end
 
-    def ranges(self, rule: LayerRule, name: str, linear: nn.Linear) -> Ranges:
-        size = linear.out_features if rule.style.startswith("colwise") else linear.in_features
-        inner = self.layout.heads * self.layout.head_dim
+    def ranges(self, rule: LayerRule, name: str, size: int) -> Ranges:
+        """The ranges of the split dimension (`size` wide) that this rank holds."""
+        if rule.split == "even":
+            return [self.even_range(size, name)]
+        share = self.shares[rule.layout]
+        d = share.head_dim
+        heads = (share.heads[0] * d, share.heads[1] * d)
+        if rule.split == "per_head":
+            return [share.heads]
+        if rule.split == "kv_heads":
+            return [(share.kv_heads[0] * d, share.kv_heads[1] * d)]
+        inner = self.heads_width[rule.layout]
+        if rule.split == "qkv":  # [q; k; v], each heads x head_dim wide
+            if size != 3 * inner:
+                raise ValueError(f"{name}: {size} features, expected 3 x heads x head_dim = {3 * inner}")
+            return [(heads[0] + i * inner, heads[1] + i * inner) for i in range(3)]
         if rule.split == "heads":
             if size != inner:
                 raise ValueError(f"{name}: {size} features, expected heads x head_dim = {inner}")
-            return [self._heads_range()]
-        if rule.split == "even":
-            return [self._even_range(size, name)]
-        return [self._heads_range(), self._even_range(size - inner, name, offset=inner)]
+            return [heads]
+        return [heads, self.even_range(size - inner, name, offset=inner)]  # heads+even: [attention; the rest]
 
 
 def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size: int) -> None:
-    """Replace planned Linears in place and make attention head counts local."""
+    """Replace planned layers in place and make attention head counts local."""
     planner = ShardPlanner(plan, model.config, rank, world_size)
     matched = {rule.pattern: 0 for rule in plan.layers}
-    for name, module in list(model.named_modules()):
-        rule = _rule_for(plan, name) if isinstance(module, nn.Linear) else None
+    replaced: dict[int, nn.Module] = {}  # a module shared under two names (tied embeddings) is replaced once
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in replaced:
+            _replace(model, name, replaced[id(module)])
+            continue
+        rule = _rule_for(plan, name) if isinstance(module, (nn.Linear, nn.Embedding)) else None
         if rule is not None:
             matched[rule.pattern] += 1
-            _replace(model, name, _sharded(module, rule, planner.ranges(rule, name, module)))
-        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in plan.attention):
-            if module.heads != planner.layout.heads:
-                raise ValueError(f"{name}: {module.heads} heads, expected {planner.layout.heads}")
-            module.heads = planner.local_heads
-            # Some processors derive head_dim as inner_dim // heads: keep that ratio exact.
-            for attribute in ("inner_dim", "inner_kv_dim"):
+            size = _output_width(module) if rule.style.startswith("colwise") else module.in_features
+            replaced[id(module)] = _sharded(module, rule, planner.ranges(rule, name, size))
+            _replace(model, name, replaced[id(module)])
+            continue
+        attention = next((a for a in plan.attention if fnmatch.fnmatchcase(name, a.pattern)), None)
+        if attention is not None:
+            local = planner.local_values(attention.layout)
+            for attribute, value in attention.local.items():
                 if isinstance(getattr(module, attribute, None), int):
-                    setattr(module, attribute, planner.local_heads * planner.layout.head_dim)
+                    setattr(module, attribute, local[value])
+    for rule in plan.buffers:
+        _shard_buffer(model, rule, planner)
     unused = [rule.pattern for rule in plan.layers if not matched[rule.pattern] and not rule.optional]
     if unused:
-        raise ValueError(f"tensor-parallel plan patterns matched no Linear layer: {unused}")
+        raise ValueError(f"tensor-parallel plan patterns matched no layer of {type(model).__name__}: {unused}")
+
+
+def _shard_buffer(model: nn.Module, rule: BufferRule, planner: ShardPlanner) -> None:
+    owner_name, _, attribute = rule.pattern.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    table = owner._buffers[attribute]
+    width = table.shape[-1]
+    ranges = [planner.even_range(width, rule.pattern)]
+    local = table[..., ranges[0][0] : ranges[0][1]].clone()
+    set_shard_slices(local, ShardSlices(table.dim() - 1, ranges))
+    owner._buffers[attribute] = local
+    local_method = getattr(owner, rule.gathered)
+    setattr(owner, rule.gathered, lambda *args, **kwargs: gather_columns(local_method(*args, **kwargs), ranges, width))
+
+
+def _output_width(module: nn.Module) -> int:
+    return module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
 
 
 def _rule_for(plan: TensorParallelPlan, name: str) -> LayerRule | None:
     return next((rule for rule in plan.layers if fnmatch.fnmatchcase(name, rule.pattern)), None)
 
 
-def _sharded(linear: nn.Linear, rule: LayerRule, ranges: Ranges) -> nn.Module:
-    factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-    has_bias = linear.bias is not None
+def _sharded(module: nn.Module, rule: LayerRule, ranges: Ranges) -> nn.Module:
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    gather = _output_width(module) if rule.style == "colwise_gather" else None
+    if isinstance(module, nn.Embedding):
+        if not rule.style.startswith("colwise"):
+            raise ValueError(f"{rule.pattern}: an embedding can only be split colwise (on its embedding dim)")
+        return ParallelEmbedding(module.num_embeddings, ranges, module.padding_idx, gather, **factory)
+    has_bias = module.bias is not None
     if rule.style.startswith("colwise"):
-        gather = linear.out_features if rule.style == "colwise_gather" else None
-        return ColumnParallelLinear(linear.in_features, ranges, has_bias, gather, **factory)
-    return RowParallelLinear(ranges, linear.out_features, has_bias, **factory)
+        return ColumnParallelLinear(module.in_features, ranges, has_bias, gather, **factory)
+    return RowParallelLinear(ranges, module.out_features, has_bias, **factory)
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Entry point of every rank process: set up the device, load this rank's part, serve commands.
 
-Rank 0 (driver) loads the whole diffusers pipeline around its DiT shard and takes requests from
-the engine; ranks 1..N-1 (followers) load only their DiT shard and run what the driver sends.
+Every rank loads its shard of the DiT and of each text encoder that has a TP plan. Rank 0 (driver)
+loads the rest of the diffusers pipeline around its shards and takes requests from the engine;
+ranks 1..N-1 (followers) run what the driver broadcasts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from workers.messages import (
     WorkerStartupFailed,
 )
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
-from workers.sharded_loading import load_transformer_shard
+from workers.sharded_loading import load_component_shard, random_unsharded_models, sharded_components
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,13 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
     try:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.world_size, spec.device_type, spec.master_port)
-        transformer = load_transformer_shard(
-            load_family(spec.family_name), spec.model_path / "transformer", rank, spec.world_size,
-            parallel_state.device(), getattr(torch, spec.dtype),
-        )
-        components = {"transformer": transformer}
+        shards = _load_shards(rank, spec)
+        components = shards
         if rank == 0:
             if spec.world_size > 1:
-                forward_broadcast.install_driver_hook(transformer)
-            runner = PipelineRunner(load_pipeline(spec, transformer=transformer))
+                for name, module in shards.items():
+                    forward_broadcast.install_driver_hook(name, module)
+            runner = PipelineRunner(load_pipeline(spec, **shards))
             components = runner.pipeline.components
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
@@ -66,8 +65,27 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
         if spec.world_size > 1 and not parallel_state.group_broken():
             forward_broadcast.send(forward_broadcast.STOP)
     else:
-        forward_broadcast.follow(transformer)
+        forward_broadcast.follow(shards)
     parallel_state.shutdown()
+
+
+def _load_shards(rank: int, spec: WorkerSpec) -> dict[str, torch.nn.Module]:
+    """This rank's DiT shard and, at world size > 1, its text-encoder shards (at world size 1
+    diffusers loads the text encoders itself). With dummy weights rank 0 also builds the other
+    models of the pipeline (the VAE) at random."""
+    dummy = spec.load_format == "dummy"
+    components = sharded_components(load_family(spec.family_name), spec.model_path)
+    if spec.world_size == 1 and not dummy:
+        components = components[:1]
+    device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
+    shards = {
+        component.name: load_component_shard(
+            component, spec.model_path / component.name, rank, spec.world_size, device, dtype, dummy)
+        for component in components
+    }
+    if dummy and rank == 0:
+        shards.update(random_unsharded_models(spec.model_path, set(shards), device, dtype))
+    return shards
 
 
 def _bytes_held(components: dict) -> dict[str, int]:

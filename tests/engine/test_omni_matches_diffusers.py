@@ -16,7 +16,7 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_omni_image_equals_plain_diffusers(tiny_dir, family, tensor_parallel_size):
     height, width = 64, 96

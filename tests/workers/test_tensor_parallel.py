@@ -34,7 +34,7 @@ def test_impossible_split_names_dimension_size_request_and_what_works():
 def test_every_planned_layer_is_replaced_and_attention_heads_become_local(family, tiny_dir):
     config = load_family(family)
     model = build_meta_transformer(config, tiny_dir(family) / "transformer")
-    heads = model.config[config.tensor_parallel.heads_key]
+    heads = model.config[config.tensor_parallel.layouts["main"].heads]
     apply_plan(model, config.tensor_parallel, rank=1, world_size=2)
     attention = [m for m in model.modules() if hasattr(m, "heads") and hasattr(m, "to_q")]
     assert attention and {m.heads for m in attention} == {heads // 2}
