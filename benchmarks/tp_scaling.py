@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from configs import load_family
 from engine.worker_group import free_port
 from workers import parallel_state
-from workers.sharded_loading import load_transformer_shard
+from workers.sharded_loading import dit_component, load_component_shard
 
 MEDIUM_Z_IMAGE = dict(
     all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=768, n_layers=7, n_refiner_layers=2,
@@ -51,8 +51,9 @@ def step_inputs() -> tuple:
 def run_rank(rank: int, world_size: int, threads: int, directory: Path, port: int, steps: int, results) -> None:
     torch.set_num_threads(threads)
     parallel_state.initialize(rank, world_size, "cpu", port)
-    model = load_transformer_shard(
-        load_family("z-image"), directory / "transformer", rank, world_size, torch.device("cpu"), torch.float32
+    model = load_component_shard(
+        dit_component(load_family("z-image")), directory / "transformer", rank, world_size, torch.device("cpu"),
+        torch.float32,
     )
     latents, timestep, captions = step_inputs()
     with torch.inference_mode():

@@ -102,6 +102,39 @@ def alive(pid: int) -> bool:
         return False
 
 
+def run_ranks(target, world_size: int, *args, timeout_s: float = 300) -> list:
+    """Run target(rank, world_size, port, *args, results) in `world_size` spawned processes joined
+    in one group; each rank may put one item on `results`. The items in rank order (by their first
+    element), or an AssertionError as soon as a rank dies without reporting."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=target, args=(rank, world_size, port, *args, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    received, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(received) < world_size:
+            try:
+                received.append(results.get(timeout=0.5))
+            except queue.Empty:
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                finished = all(p.exitcode == 0 for p in processes)
+                if failed or finished or time.monotonic() > deadline:
+                    raise AssertionError(f"ranks did not all report: exit codes {[p.exitcode for p in processes]}")
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    return sorted(received, key=lambda item: item[0])
+
+
 def wait_until(condition, seconds: float, what: str, poll_s: float = 0.05) -> None:
     """Poll `condition` until it holds; the deadline only bounds a hang, it is not what is tested."""
     deadline = time.monotonic() + seconds

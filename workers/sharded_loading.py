@@ -36,10 +36,14 @@ class ShardedComponent:
     plan: TensorParallelPlan
 
 
+def dit_component(family: FamilyConfig) -> ShardedComponent:
+    return ShardedComponent("transformer", "diffusers", family.transformer_class, family.tensor_parallel)
+
+
 def sharded_components(family: FamilyConfig, model_path: Path) -> list[ShardedComponent]:
     """The DiT and every text encoder that has a TP plan (configs/text_encoders.yaml)."""
     index = json.loads((model_path / "model_index.json").read_text())
-    components = [ShardedComponent("transformer", "diffusers", family.transformer_class, family.tensor_parallel)]
+    components = [dit_component(family)]
     plans = load_text_encoder_plans()
     for name, entry in index.items():
         if isinstance(entry, list) and entry[0] == "transformers" and entry[1] in plans:

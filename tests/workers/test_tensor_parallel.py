@@ -12,8 +12,8 @@ from engine import resolve_model
 from engine.memory_report import memory_report
 from tests.helpers import FAMILIES
 from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
-from workers.sharded_loading import build_meta_transformer, load_transformer_shard
-from workers.tensor_parallel import apply_plan, even_partition
+from workers.sharded_loading import build_meta_component, dit_component, load_component_shard
+from workers.tensor_parallel import apply_plan, even_partition, head_shares
 
 
 def test_even_partition_gives_larger_parts_first():
@@ -33,7 +33,7 @@ def test_impossible_split_names_dimension_size_request_and_what_works():
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen-image-edit"])
 def test_every_planned_layer_is_replaced_and_attention_heads_become_local(family, tiny_dir):
     config = load_family(family)
-    model = build_meta_transformer(config, tiny_dir(family) / "transformer")
+    model = build_meta_component("diffusers", config.transformer_class, tiny_dir(family) / "transformer")
     heads = model.config[config.tensor_parallel.layouts["main"].heads]
     apply_plan(model, config.tensor_parallel, rank=1, world_size=2)
     attention = [m for m in model.modules() if hasattr(m, "heads") and hasattr(m, "to_q")]
@@ -49,14 +49,14 @@ def test_every_planned_layer_is_replaced_and_attention_heads_become_local(family
 def test_rank_shards_hold_at_most_half_the_sharded_part_at_tp2(family, tiny_dir):
     config = load_family(family)
     path = tiny_dir(family) / "transformer"
-    full = build_meta_transformer(config, path)
+    full = build_meta_component("diffusers", config.transformer_class, path)
     apply_plan(full, config.tensor_parallel, rank=0, world_size=1)
     sharded_total = sum(p.numel() for p in full.parameters() if shard_slices(p))
     everything = sum(p.numel() for p in full.parameters())
     replicated = everything - sharded_total
     shard_sizes = []
     for rank in range(2):
-        shard = load_transformer_shard(config, path, rank, 2, torch.device("cpu"), torch.float32)
+        shard = load_component_shard(dit_component(config), path, rank, 2, torch.device("cpu"), torch.float32)
         shard_sizes.append(sum(p.numel() for p in shard.parameters()))
         assert shard_sizes[-1] <= 0.5 * sharded_total + replicated
     assert sum(shard_sizes) == sharded_total + 2 * replicated
@@ -74,3 +74,23 @@ def test_memory_report_for_a_full_size_config_without_weights(tmp_path):
     assert ranks[0].dit_sharded == ranks[1].dit_sharded > ranks[2].dit_sharded == ranks[3].dit_sharded
     assert len({r.dit_replicated for r in ranks}) == 1
     assert all(r.text_encoders == r.vae == 0 for r in ranks[1:])
+
+
+def test_gqa_heads_split_by_kv_head_and_kv_heads_are_shared_when_ranks_outnumber_them():
+    # Qwen3-4B (Z-Image's encoder): 32 query heads over 8 KV heads at TP=3: KV 3/3/2, queries 12/12/8
+    assert [(s.heads, s.kv_heads) for s in head_shares(32, 8, 128, 3, "heads")] == [
+        ((0, 12), (0, 3)), ((12, 24), (3, 6)), ((24, 32), (6, 8))]
+    # Qwen2.5-VL-7B: 28 query heads over 4 KV heads at TP=8: two ranks per KV head, 4 + 3 queries each
+    shares = head_shares(28, 4, 128, 8, "heads")
+    assert [s.kv_heads for s in shares] == [(k, k + 1) for k in range(4) for _ in range(2)]
+    assert [s.local_heads for s in shares] == [4, 3] * 4 and shares[1].heads == (4, 7)
+
+
+def test_an_impossible_text_encoder_split_names_the_module_the_dimension_and_what_works(tiny_dir):
+    from engine.parallel_config import check_tensor_parallel_size
+
+    with pytest.raises(ValueError) as error:
+        check_tensor_parallel_size(resolve_model("tiny/qwen-image"), 3)
+    assert str(error.value) == (
+        "text_encoder (Qwen2_5_VLForConditionalGeneration): cannot split text_config.num_attention_heads: 4 query "
+        "heads over 2 KV heads at tensor_parallel_size=3; tensor-parallel sizes that work: 1, 2, 4")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
 
 from configs import load_family
 from engine.tiny_models import cached_tiny_model
-from engine.worker_group import free_port
+from tests.helpers import run_ranks
 from workers import parallel_state
 from workers.sharded_loading import sharded_components
 
@@ -40,8 +39,7 @@ def shard_and_embed(rank: int, world_size: int, port: int, results) -> None:
         path, part = component(family, name)
         shard = load_component_shard(part, path / name, rank, world_size, torch.device("cpu"), torch.float32)
         outputs.append(embeddings(shard).numpy().copy())
-    if rank == 0:
-        results.put(outputs)
+    results.put((rank, outputs))
     parallel_state.shutdown()
 
 
@@ -51,15 +49,6 @@ def test_sharded_text_encoders_give_the_unsharded_embeddings(tiny_dir, world_siz
     for family, name in ENCODERS:
         path, part = component(family, name)
         expected.append(embeddings(getattr(transformers, part.class_name).from_pretrained(path / name)))
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=shard_and_embed, args=(r, world_size, port, results)) for r in range(world_size)]
-    for process in ranks:
-        process.start()
-    outputs = results.get(timeout=300)
-    for process in ranks:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outputs = run_ranks(shard_and_embed, world_size)[0][1]  # rank 0's
     for (family, name), got, want in zip(ENCODERS, outputs, expected):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=TOLERANCE, msg=f"{family} {name}")
