@@ -16,7 +16,13 @@ import torch
 
 from engine.model_resolver import ResolvedModel
 from workers.parallel_linear import shard_slices
-from workers.sharded_loading import build_meta_component, holds_parameters, parameter_dtype, sharded_components
+from workers.sharded_loading import (
+    ShardedComponent,
+    build_meta_component,
+    holds_parameters,
+    parameter_dtype,
+    sharded_components,
+)
 from workers.tensor_parallel import apply_plan
 
 
@@ -56,11 +62,16 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def memory_report(
-    model: ResolvedModel, world_size: int, dtype: torch.dtype, ranks: Iterable[int] | None = None
+    model: ResolvedModel, world_size: int, dtype: torch.dtype, ranks: Iterable[int] | None = None,
+    components: list[ShardedComponent] | None = None,
 ) -> list[RankMemory]:
-    """Bytes per rank (all ranks, or those in `ranks`) as loading `model` at `world_size` holds them."""
+    """Bytes per rank (all ranks, or those in `ranks`) as loading `model` at `world_size` holds them.
+
+    components: what is sharded (default: as the ranks load it); the rest is held whole by rank 0.
+    """
     index = json.loads((model.path / "model_index.json").read_text())
-    sharded = {c.name: c for c in sharded_components(model.family, model.path)}
+    components = sharded_components(model.family, model.path) if components is None else components
+    sharded = {c.name: c for c in components}
     whole = {"transformers": 0, "diffusers": 0}  # components rank 0 holds whole: encoders without a plan, VAE
     for name, entry in index.items():
         if name.startswith("_") or name in sharded or not isinstance(entry, list):
