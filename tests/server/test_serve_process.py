@@ -30,7 +30,9 @@ def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tmp_p
 
 
 def test_api_key_guards_v1_routes_only(tmp_path):
-    server = ServerProcess(["tiny/z-image", "--log-level", "debug"], env={"DITSERVE_API_KEY": API_KEY})
+    # Random weights from the configuration (--load-format dummy): auth does not care, and the flag gets a server run.
+    server = ServerProcess(["tiny/z-image", "--log-level", "debug", "--load-format", "dummy"],
+                           env={"DITSERVE_API_KEY": API_KEY})
     server.start(tmp_path / "serve.log")
     try:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY}):

@@ -113,6 +113,10 @@ def test_shards_load_hold_the_reported_bytes_and_compute_the_unsharded_output(sh
             got = torch.from_numpy(outputs[name])
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * float(want.abs().max()), msg=name)
+    loaded_dit = [held["transformer"] for _, _, held in received]
+    loaded_total = [sum(held.values()) for _, _, held in received]
+    assert max(loaded_dit) <= 1.10 * sum(loaded_dit) / world_size + 64 * 2**20
+    assert max(loaded_total) <= 1.15 * sum(loaded_total) / world_size + 0.5 * 2**30
     dit = [r.dit_sharded for r in report]
     if world_size == 4:
         assert dit[0] == dit[1] > dit[2] == dit[3]  # 38 heads: 10/10/9/9
