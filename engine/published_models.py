@@ -7,15 +7,13 @@ random weights. The numbers live in configs/published.yaml.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import diffusers
 import transformers
 
 from configs import family_for_pipeline_class, load_published_models
-from engine.tiny_models import cache_root, save_text_tools, tiny_text_tools
+from engine.tiny_models import cache_root, cached_folder, save_text_tools, tiny_text_tools
 
 
 def published_model_ids() -> list[str]:
@@ -56,19 +54,6 @@ def _vision_token_ids(tokenizer) -> dict[str, int]:
 
 
 def cached_published_configs(hub_id: str) -> Path:
-    """The config folder of `hub_id` under the cache, written on first use (atomically)."""
+    """The config folder of `hub_id` under the cache, written on first use."""
     target = cache_root() / "published" / hub_id.replace("/", "--")
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write_published_configs(hub_id, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return cached_folder(target, lambda folder: write_published_configs(hub_id, folder))

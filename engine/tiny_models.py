@@ -6,6 +6,7 @@ files) that `DiffusionPipeline.from_pretrained` loads. Component sizes come from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -229,20 +230,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("DITSERVE_CACHE", Path.home() / ".cache" / "ditserve"))
 
 
-def cached_tiny_model(name: str) -> Path:
-    """Return the folder of tiny model `name` ("tiny/flux"), building it on first use.
+def cached_folder(target: Path, write: Callable[[Path], Any]) -> Path:
+    """`target`, written by `write(folder)` on first use.
 
     The folder is written beside its final place and renamed, so concurrent first uses never
-    see a half-written checkpoint.
+    see a half-written one.
     """
-    family_name = name.removeprefix(TINY_PREFIX)
-    target = cache_root() / "tiny" / family_name
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family_name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_tiny_model(family_name, staging)
+        write(staging)
         try:
             staging.rename(target)
         except OSError:
@@ -251,3 +250,13 @@ def cached_tiny_model(name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def cached_tiny_model(name: str) -> Path:
+    """The folder of tiny model `name` ("tiny/flux"), built on first use. The folder name carries a
+    fingerprint of the family's tiny recipe, so a changed recipe never reuses an old build."""
+    family_name = name.removeprefix(TINY_PREFIX)
+    recipe = json.dumps(load_family(family_name).tiny.model_dump(mode="json"), sort_keys=True)
+    fingerprint = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    target = cache_root() / "tiny" / f"{family_name}-{fingerprint}"
+    return cached_folder(target, lambda folder: write_tiny_model(family_name, folder))
