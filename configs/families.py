@@ -107,6 +107,8 @@ class FamilyConfig(_Strict):
     defaults: OmniDiffusionSamplingParams
     tensor_parallel: TensorParallelPlan
     size: SizeLimits
+    # The fewest denoising steps the family's published scheduler handles (fewer give NaN sigmas).
+    min_inference_steps: int = 1
     tiny: TinyRecipe
 
     @property

@@ -245,12 +245,13 @@ class AsyncEngine:
 
     @staticmethod
     def _warm_up(model: ResolvedModel, group: WorkerGroup) -> None:
-        """One single-step generation at the default size, so the first user request is not the slow one."""
+        """One generation with the fewest steps the family allows, at the default size, so the first
+        user request is not the slow one."""
         started = time.perf_counter()
         side = model.family.size.min
         images = [Image.new("RGB", (side, side), (127, 127, 127))] if model.family.is_edit else []
         request = build_request(model, PromptInput("warm-up", images=images), OmniDiffusionSamplingParams(
-            num_inference_steps=1, seed=0))
+            num_inference_steps=model.family.min_inference_steps, seed=0))
         result = group.submit(GenerationBatch([request]))[0].result()
         if isinstance(result, GenerationFailure):
             raise GenerationError(f"warm-up generation failed: {error_for(result)}")

@@ -61,7 +61,8 @@ def _hub_snapshot(model: str) -> Path:
     if snapshot is not None:
         return snapshot
     try:
-        return Path(huggingface_hub.snapshot_download(model))
+        index = json.loads(Path(huggingface_hub.hf_hub_download(model, "model_index.json")).read_text())
+        return Path(huggingface_hub.snapshot_download(model, allow_patterns=hub_allow_patterns(index)))
     except Exception as exc:
         raise ValueError(
             f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
@@ -69,6 +70,19 @@ def _hub_snapshot(model: str) -> Path:
             f"(`hf download {model}`) and copy the cache to HF_HOME here, or pass the path of a "
             f"local diffusers folder"
         ) from None
+
+
+# Inside a component folder: configs, tokenizer/processor files and safetensors weights; never the
+# .bin/.pt/.ckpt/.onnx/.msgpack copies some repositories also carry.
+_COMPONENT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+
+
+def hub_allow_patterns(model_index: dict) -> list[str]:
+    """The files of a diffusers repository the pipeline loads: model_index.json and the folders it
+    names. FLUX.1 and SD3.5 repositories also hold single-file checkpoints (and SD3.5 a
+    `text_encoders/` folder of them): 24-44 GB a diffusers pipeline never reads."""
+    components = [name for name, entry in model_index.items() if not name.startswith("_") and isinstance(entry, list)]
+    return ["model_index.json", *(f"{name}/{files}" for name in components for files in _COMPONENT_FILES)]
 
 
 def _local_snapshot(model: str) -> Path | None:

@@ -65,6 +65,10 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
                 family.size.check_side(name, getattr(sampling, name))
     except SamplingValueError as exc:
         raise InvalidRequestError(str(exc), exc.param) from None
+    if sampling.num_inference_steps < family.min_inference_steps:
+        raise InvalidRequestError(
+            f"num_inference_steps={sampling.num_inference_steps} is too few for {family.name} models: its scheduler "
+            f"needs at least {family.min_inference_steps}", "num_inference_steps")
 
     negatives = (prompt.negative_prompt, params.negative_prompt, model.defaults.negative_prompt)
     return GenerationRequest(

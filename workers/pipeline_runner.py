@@ -32,6 +32,10 @@ class BatchCancelled(Exception):
     """Raised from the step callback to abandon a pipeline call whose every request was cancelled."""
 
 
+class NonFiniteLatents(RuntimeError):
+    """The latents held NaN or inf after a step: the image would be black or noise, so it is not made."""
+
+
 class PipelineRunner:
     """Runs batches through one loaded pipeline, passing only arguments its __call__ accepts."""
 
@@ -66,6 +70,11 @@ class PipelineRunner:
 
         def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
             step_ends.append(time.perf_counter())
+            latents = tensors.get("latents")
+            if latents is not None and not torch.isfinite(latents).all():
+                raise NonFiniteLatents(
+                    f"the latents became NaN or infinite at denoising step {step + 1}; no image was made "
+                    "(too few steps for the scheduler, or a numerically broken model or dtype)")
             if should_stop():
                 raise BatchCancelled
             return tensors

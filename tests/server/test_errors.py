@@ -96,6 +96,8 @@ CASES = [
     edit("edit with a mask", 400, "mask",
          files=[("image", ("in.png", image_bytes(), "image/png")), ("mask", ("m.png", image_bytes(), "image/png"))]),
     edit("edit with n zero", 400, "n", data={"n": "0"}),
+    edit("edit with fewer steps than the scheduler handles", 400, "num_inference_steps",
+         data={"num_inference_steps": "1"}),
     edit("edit with a bad size", 400, "size", data={"size": "100x100"}),
     Bad("edit sent as json", 415, None, server="edit", path="/v1/images/edits", json={"prompt": "a cat"}),
 ]
