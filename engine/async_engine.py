@@ -27,7 +27,7 @@ from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import WorkerGroup
+from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
 from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class EngineConfig:
     max_queue_size: int = 64  # requests waiting or running
     max_batch_size: int = 8  # images per pipeline call
     request_timeout_s: float | None = None
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S  # for every rank to load
     warm_up: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be positive (or None: no limit)")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
 
 
 @dataclasses.dataclass(eq=False)
@@ -229,7 +232,7 @@ class AsyncEngine:
         model = resolve_model(self.config.model, configs_only=self.config.load_format == "dummy")
         model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
         spec = worker_spec(model, self.config.parallel, self.config.dtype, self.config.load_format)
-        group = WorkerGroup(spec, on_death=self._on_death)
+        group = WorkerGroup(spec, self.config.startup_timeout_s, on_death=self._on_death)
         group.start()
         try:
             if self.config.warm_up:

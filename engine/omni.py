@@ -11,7 +11,7 @@ from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import WorkerGroup
+from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
 from workers import GenerationBatch
 
 
@@ -28,12 +28,14 @@ class Omni:
         parallel_config: DiffusionParallelConfig | None = None,
         dtype: str = "auto",
         load_format: str = "auto",
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     ):
         """load_format="dummy" builds the full-size model from its configuration with random
         weights (a published hub id needs nothing on disk): latency and memory at true size."""
         self.parallel_config = parallel_config or DiffusionParallelConfig()
         self.model: ResolvedModel = resolve_model(model, configs_only=load_format == "dummy")
-        self._group = WorkerGroup(worker_spec(self.model, self.parallel_config, dtype, load_format))
+        spec = worker_spec(self.model, self.parallel_config, dtype, load_format)
+        self._group = WorkerGroup(spec, startup_timeout_s)
         self._group.start()
 
     def generate(

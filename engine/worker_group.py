@@ -25,6 +25,7 @@ from workers import (
     GenerationBatch,
     GenerationFailure,
     GenerationResult,
+    RankChannels,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -34,6 +35,9 @@ from workers.worker_process import run_worker
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+# Reading 50+ GB of weights from a slow disk takes minutes; waiting for it costs nothing, because
+# the ranks that finish first wait outside any timed collective (forward_broadcast's doorbell).
+DEFAULT_STARTUP_TIMEOUT_S = 1800.0
 _STOP_GRACE_S = 10.0
 _spawn_lock = threading.Lock()
 
@@ -79,15 +83,18 @@ def usable_cores() -> int:
 
 class WorkerGroup:
     def __init__(
-        self, spec: WorkerSpec, startup_timeout_s: float = 600.0, on_death: Callable[[str], None] | None = None
+        self, spec: WorkerSpec, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        on_death: Callable[[str], None] | None = None,
     ):
         self.spec = spec
         self.on_death = on_death
         self.startup_timeout_s = startup_timeout_s
         self._context = mp.get_context("spawn")
-        self._requests = self._context.Queue()  # batches, to the driver
-        self._cancels = self._context.Queue()  # cancelled request ids, to the driver
-        self._events = self._context.Queue()  # ready, results and failures, from every rank
+        self._channels = RankChannels(
+            requests=self._context.Queue(), cancels=self._context.Queue(), events=self._context.Queue(),
+            doorbells=[self._context.Queue() for _ in range(spec.world_size - 1)],
+        )
+        self._events = self._channels.events
         self._processes: list = []
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -102,10 +109,9 @@ class WorkerGroup:
         try:
             with _main_module_left_out():
                 for rank in range(self.spec.world_size):
-                    driver_queues = (self._requests, self._cancels) if rank == 0 else (None, None)
                     process = self._context.Process(
                         target=run_worker,
-                        args=(rank, self.spec, *driver_queues, self._events),
+                        args=(rank, self.spec, self._channels),
                         name=f"ditserve-rank{rank}",
                         daemon=True,
                     )
@@ -124,7 +130,9 @@ class WorkerGroup:
         deadline = time.monotonic() + self.startup_timeout_s
         while len(ready) < self.spec.world_size:
             if time.monotonic() > deadline:
-                raise WorkerStartupError(f"workers did not load within {self.startup_timeout_s:.0f} s")
+                raise WorkerStartupError(
+                    f"workers did not load within {self.startup_timeout_s:.0f} s; a slow disk or a large model may "
+                    "need more (--startup-timeout, startup_timeout_s)")
             try:
                 event = self._events.get(timeout=_POLL_S)
             except queue.Empty:
@@ -147,7 +155,7 @@ class WorkerGroup:
         """Stop every rank: ask politely, then terminate, then kill. Safe to call twice."""
         self._stopping.set()
         if self._processes and self._processes[0].is_alive():
-            self._requests.put(None)
+            self._channels.requests.put(None)
         deadline = time.monotonic() + _STOP_GRACE_S
         for process in self._processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -164,7 +172,8 @@ class WorkerGroup:
         for process in self._processes:
             process.close()
         self._processes = []
-        for channel in (self._requests, self._cancels, self._events):
+        channels = self._channels
+        for channel in (channels.requests, channels.cancels, channels.events, *channels.doorbells):
             channel.cancel_join_thread()  # the ranks are gone: nothing left to flush to them
             channel.close()
 
@@ -180,13 +189,13 @@ class WorkerGroup:
                 return futures
             for request, future in zip(batch.requests, futures):
                 self._pending[request.request_id] = future
-        self._requests.put(batch)
+        self._channels.requests.put(batch)
         return futures
 
     def cancel(self, request_id: str) -> None:
         """Ask the driver to stop `request_id` at its next denoising step (or skip it if queued)."""
         if self.alive:
-            self._cancels.put(request_id)
+            self._channels.cancels.put(request_id)
 
     @property
     def failure(self) -> str | None:

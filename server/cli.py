@@ -19,6 +19,7 @@ from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineCo
 from engine.memory_report import format_report, memory_report
 from engine.parallel_config import DTYPES, LOAD_FORMATS
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
+from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
@@ -86,6 +87,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                              "(default 64)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds before a request is answered 504 (default: no limit)")
+    parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
+                        help=f"seconds every rank may take to load (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
     parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,
@@ -134,6 +137,7 @@ def serve_main(argv: list[str] | None = None) -> None:
             max_queue_size=args.max_queue_size,
             max_batch_size=args.max_batch_size,
             request_timeout_s=args.request_timeout,
+            startup_timeout_s=args.startup_timeout,
         ))
         # a bad name fails here, before anything starts
         resolve_model(args.model, configs_only=args.load_format == "dummy")

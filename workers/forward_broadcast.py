@@ -4,10 +4,16 @@ On the driver a forward pre-hook on each sharded module (the DiT, the text encod
 (command, (module name, args, kwargs)) as one pickled object and each tensor with a real broadcast
 (NCCL or gloo), so followers run the same sharded forward on the same inputs. Every decision
 (next step, stop) is taken on the driver and arrives as a command.
+
+Collectives have a timeout, so followers must never wait in one for long: between batches (and
+while rank 0 is still loading) they wait on a doorbell, a plain queue with no timeout, which the
+driver rings when a batch starts; it sends IDLE when the batch is done.
 """
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +23,8 @@ from torch import nn
 
 from workers import parallel_state
 
-FORWARD, PING, STOP = "forward", "ping", "stop"
+FORWARD, IDLE, STOP = "forward", "idle", "stop"
+_DOORBELL_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,13 +111,32 @@ def install_driver_hook(name: str, module: nn.Module) -> None:
     module.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
 
 
-@torch.inference_mode()
-def follow(modules: dict[str, nn.Module]) -> None:
-    """Follower loop: run each broadcast forward on the named module until the driver says stop."""
+def ring(doorbells: list) -> None:
+    """Driver side: wake every follower before the first collective of a batch (or of the stop)."""
+    for doorbell in doorbells:
+        doorbell.put(True)
+
+
+def _wait_for_the_doorbell(doorbell, engine_alive: Callable[[], bool]) -> bool:
+    """Untimed wait (no collective); False once the engine's process is gone."""
     while True:
-        command, tree = receive()
-        if command == STOP:
-            return
-        if command == FORWARD:
+        try:
+            return doorbell.get(timeout=_DOORBELL_POLL_S)
+        except queue.Empty:
+            if not engine_alive():
+                return False
+
+
+@torch.inference_mode()
+def follow(modules: dict[str, nn.Module], doorbell, engine_alive: Callable[[], bool]) -> None:
+    """Follower loop: after each ring, run every broadcast forward on the named module until the
+    driver says idle (wait for the next ring) or stop."""
+    while _wait_for_the_doorbell(doorbell, engine_alive):
+        while True:
+            command, tree = receive()
+            if command == STOP:
+                return
+            if command == IDLE:
+                break
             name, args, kwargs = tree
             modules[name](*args, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -26,6 +27,16 @@ class WorkerSpec:
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
+
+
+@dataclass
+class RankChannels:
+    """The queues between the engine and one group's ranks (multiprocessing queues)."""
+
+    requests: Any  # batches to the driver; None tells it to stop
+    cancels: Any  # cancelled request ids to the driver
+    events: Any  # ready, results and failures from every rank
+    doorbells: list  # one per follower, rung by the driver when work starts
 
 
 @dataclass

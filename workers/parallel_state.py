@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from workers.shm_all_reduce import SharedMemoryAllReduce
 
-# Followers wait in a broadcast while the driver runs text encoders and the VAE; the driver
-# pings when idle (see forward_broadcast), so this only bounds a truly stuck collective.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# Within a batch followers wait in a broadcast while the driver runs the VAE or the scheduler;
+# between batches and during loading they wait outside any collective (forward_broadcast's
+# doorbell), so this only bounds a truly stuck collective.
+COLLECTIVE_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -42,7 +43,9 @@ def _current() -> _State:
     return _state
 
 
-def initialize(rank: int, world_size: int, device_type: str, master_port: int) -> None:
+def initialize(
+    rank: int, world_size: int, device_type: str, master_port: int, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+) -> None:
     """Join the group (NCCL on CUDA, gloo on CPU) over loopback; no process group at world size 1."""
     global _state
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -54,12 +57,12 @@ def initialize(rank: int, world_size: int, device_type: str, master_port: int) -
         init_method=f"tcp://127.0.0.1:{master_port}",
         rank=rank,
         world_size=world_size,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
         device_id=device if device_type == "cuda" else None,
     )
     if device_type == "cpu" and SharedMemoryAllReduce.supported():
         _state.shm_all_reduce = SharedMemoryAllReduce(
-            rank, world_size, f"ditserve-{os.getppid()}-{master_port}", COLLECTIVE_TIMEOUT.total_seconds()
+            rank, world_size, f"ditserve-{os.getppid()}-{master_port}", collective_timeout_s
         )
 
 

@@ -28,6 +28,7 @@ from workers.messages import (
     FailureKind,
     GenerationBatch,
     GenerationFailure,
+    RankChannels,
     WorkerReady,
     WorkerSpec,
     WorkerStartupFailed,
@@ -38,11 +39,11 @@ from workers.sharded_loading import load_component_shard, random_unsharded_model
 logger = logging.getLogger(__name__)
 
 _POLL_S = 1.0
-_PING_EVERY_S = 60.0  # well inside parallel_state.COLLECTIVE_TIMEOUT
 
 
-def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | None", cancels, events) -> None:
+def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     """Process target (spawned): report ready or the startup error, then serve until told to stop."""
+    events = channels.events
     started = time.perf_counter()
     _take_signals_from_the_engine()
     try:
@@ -61,11 +62,12 @@ def run_worker(rank: int, spec: WorkerSpec, requests: "multiprocessing.Queue | N
         return
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components)))
     if rank == 0:
-        _drive(runner, requests, CancelledIds(cancels), events, spec.world_size)
+        _drive(runner, channels, CancelledIds(channels.cancels))
         if spec.world_size > 1 and not parallel_state.group_broken():
+            forward_broadcast.ring(channels.doorbells)
             forward_broadcast.send(forward_broadcast.STOP)
     else:
-        forward_broadcast.follow(shards)
+        forward_broadcast.follow(shards, channels.doorbells[rank - 1], _parent_alive)
     parallel_state.shutdown()
 
 
@@ -146,22 +148,20 @@ class CancelledIds:
         return request_id in self._ids
 
 
-def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, world_size: int) -> None:
+def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledIds) -> None:
     """Driver loop: one batch at a time from the engine; None means stop.
 
     Cancellation is decided here, on rank 0 only, between denoising steps: followers simply never
-    receive the next forward call, so the ranks cannot diverge.
+    receive the next forward call, so the ranks cannot diverge. Followers are rung awake for each
+    batch and sent back to their doorbell after it, so they never idle inside a collective.
     """
-    last_collective = time.monotonic()
+    events = channels.events
     while True:
         try:
-            batch = requests.get(timeout=_POLL_S)
+            batch = channels.requests.get(timeout=_POLL_S)
         except queue.Empty:
             if not _parent_alive():
                 return
-            if world_size > 1 and time.monotonic() - last_collective > _PING_EVERY_S:
-                forward_broadcast.send(forward_broadcast.PING)
-                last_collective = time.monotonic()
             continue
         if batch is None:
             return
@@ -173,6 +173,7 @@ def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, wo
                 live.append(request)
         if not live:
             continue
+        forward_broadcast.ring(channels.doorbells)
         try:
             for result in runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live)):
                 events.put(result)
@@ -190,4 +191,5 @@ def _drive(runner: PipelineRunner, requests, cancelled: CancelledIds, events, wo
                 ))
             if broken:  # a peer rank is gone: exit so the engine sees the group is dead
                 return
-        last_collective = time.monotonic()
+        if channels.doorbells:
+            forward_broadcast.send(forward_broadcast.IDLE)

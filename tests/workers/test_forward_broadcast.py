@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.multiprocessing as mp
 
 from engine.worker_group import free_port
+from tests.helpers import run_ranks
 from workers import forward_broadcast, parallel_state
 
 
@@ -66,3 +69,40 @@ def test_forward_arguments_round_trip_to_a_follower():
         assert process.exitcode == 0
     assert (forward, stop, nothing) == (forward_broadcast.FORWARD, forward_broadcast.STOP, None)
     assert_same_tree(tree, sent_tree())
+
+
+class Doubler(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sums: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sums.append(float(x.sum()) * 2)
+        return x * 2
+
+
+def slow_driver_and_follower(rank: int, world_size: int, port: int, doorbells, results) -> None:
+    parallel_state.initialize(rank, world_size, "cpu", port, collective_timeout_s=1.0)
+    if rank == 0:
+        time.sleep(4.0)  # a rank-0 load four times longer than any collective may wait
+        forward_broadcast.ring(doorbells)
+        forward_broadcast.send(forward_broadcast.FORWARD, ("double", (torch.ones(3),), {}))
+        forward_broadcast.send(forward_broadcast.IDLE)
+        time.sleep(2.0)  # idle between batches, again longer than the collective timeout
+        forward_broadcast.ring(doorbells)
+        forward_broadcast.send(forward_broadcast.FORWARD, ("double", (torch.ones(2),), {}))
+        forward_broadcast.send(forward_broadcast.IDLE)
+        forward_broadcast.ring(doorbells)
+        forward_broadcast.send(forward_broadcast.STOP)
+        results.put((rank, []))
+    else:
+        module = Doubler()
+        forward_broadcast.follow({"double": module}, doorbells[rank - 1], lambda: True)
+        results.put((rank, module.sums))
+    parallel_state.shutdown()
+
+
+def test_followers_wait_out_a_slow_driver_outside_any_timed_collective():
+    doorbells = [mp.get_context("spawn").Queue()]
+    (_, _), (_, follower_sums) = run_ranks(slow_driver_and_follower, 2, doorbells, timeout_s=120)
+    assert follower_sums == [6.0, 4.0]  # both forwards ran on the follower; neither rank timed out
