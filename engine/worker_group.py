@@ -21,6 +21,7 @@ from concurrent.futures import Future
 import torch.multiprocessing as mp
 
 from engine.errors import WorkerGroupDied, WorkerStartupError
+from engine.memory_report import format_size
 from workers import (
     GenerationBatch,
     GenerationFailure,
@@ -149,7 +150,11 @@ class WorkerGroup:
             if isinstance(event, WorkerReady):
                 ready.add(event.rank)
                 self.parameter_bytes[event.rank] = event.parameter_bytes
-                logger.debug("rank %d loaded in %.2f s", event.rank, event.load_s)
+                parts = ", ".join(
+                    f"{name} {format_size(event.parameter_bytes[name])} in {seconds:.1f} s "
+                    f"({event.parameter_bytes[name] / 2**30 / max(seconds, 1e-9):.2f} GiB/s)"
+                    for name, seconds in event.shard_load_s.items())
+                logger.info("rank %d ready in %.1f s; shards: %s", event.rank, event.load_s, parts)
 
     def close(self) -> None:
         """Stop every rank: ask politely, then terminate, then kill. Safe to call twice."""

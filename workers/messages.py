@@ -92,6 +92,7 @@ class WorkerReady:
     rank: int
     load_s: float
     parameter_bytes: dict[str, int]  # component name -> bytes of parameters and buffers held
+    shard_load_s: dict[str, float]  # sharded component name -> seconds to read and place its shard
 
 
 @dataclass

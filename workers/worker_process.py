@@ -49,7 +49,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     try:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.world_size, spec.device_type, spec.master_port)
-        shards = _load_shards(rank, spec)
+        shards, shard_load_s = _load_shards(rank, spec)
         components = shards
         if rank == 0:
             if spec.world_size > 1:
@@ -60,7 +60,8 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
-    events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components)))
+    events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components),
+                           shard_load_s=shard_load_s))
     if rank == 0:
         _drive(runner, channels, CancelledIds(channels.cancels))
         if spec.world_size > 1 and not parallel_state.group_broken():
@@ -71,7 +72,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     parallel_state.shutdown()
 
 
-def _load_shards(rank: int, spec: WorkerSpec) -> dict[str, torch.nn.Module]:
+def _load_shards(rank: int, spec: WorkerSpec) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
     """This rank's DiT shard and, at world size > 1, its text-encoder shards (at world size 1
     diffusers loads the text encoders itself). With dummy weights rank 0 also builds the other
     models of the pipeline (the VAE) at random."""
@@ -80,14 +81,15 @@ def _load_shards(rank: int, spec: WorkerSpec) -> dict[str, torch.nn.Module]:
     if spec.world_size == 1 and not dummy:
         components = components[:1]
     device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
-    shards = {
-        component.name: load_component_shard(
+    shards, seconds = {}, {}
+    for component in components:
+        started = time.perf_counter()
+        shards[component.name] = load_component_shard(
             component, spec.model_path / component.name, rank, spec.world_size, device, dtype, dummy)
-        for component in components
-    }
+        seconds[component.name] = time.perf_counter() - started
     if dummy and rank == 0:
         shards.update(random_unsharded_models(spec.model_path, set(shards), device, dtype))
-    return shards
+    return shards, seconds
 
 
 def _bytes_held(components: dict) -> dict[str, int]:
