@@ -103,7 +103,8 @@ class FamilyConfig(_Strict):
     name: str
     pipeline_class: str
     transformer_class: str
-    task: Literal["text-to-image", "image-edit"]
+    # image-edit: each input image is edited on its own; multi-image-edit: all condition one result
+    task: Literal["text-to-image", "image-edit", "multi-image-edit"]
     defaults: OmniDiffusionSamplingParams
     tensor_parallel: TensorParallelPlan
     size: SizeLimits
@@ -113,7 +114,11 @@ class FamilyConfig(_Strict):
 
     @property
     def is_edit(self) -> bool:
-        return self.task == "image-edit"
+        return self.task in ("image-edit", "multi-image-edit")
+
+    @property
+    def edits_images_together(self) -> bool:
+        return self.task == "multi-image-edit"
 
 
 @functools.cache

@@ -169,6 +169,7 @@ _COMPONENT_BUILDERS: dict[str, Callable[[FamilyConfig], dict[str, Any]]] = {
     "z-image": _z_image_components,
     "qwen-image": _qwen_image_components,
     "qwen-image-edit": _qwen_image_components,
+    "qwen-image-edit-plus": _qwen_image_components,
     "flux": _flux_components,
     "sd3": _sd3_components,
 }

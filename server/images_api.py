@@ -48,9 +48,11 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
                 f"mask is not supported by model {settings.served_model_name!r}: it edits the whole image",
                 "mask", "unsupported_parameter",
             )
-        # Each input image is edited on its own with the same prompt: n outputs per image.
-        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=[image])
-                   for image in images]
+        # The edit family edits each input image on its own (n outputs per image); the plus family
+        # (Qwen-Image-Edit-2509/2511) reads all of them as conditions of one result (n outputs).
+        groups = [images] if engine.model.family.edits_images_together else [[image] for image in images]
+        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group)
+                   for group in groups]
         outputs = await _generate_all(request, engine, settings, prompts, body, log)
         return await _response(request, body, outputs, store)
 

@@ -23,7 +23,7 @@ from PIL import Image
 from engine.worker_group import free_port
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
-FAMILIES = ["z-image", "qwen-image", "qwen-image-edit", "flux", "sd3"]
+FAMILIES = ["z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "sd3"]
 SERVE = str(Path(sys.executable).parent / "serve")
 STARTUP_TIMEOUT_S = 180
 
@@ -34,6 +34,15 @@ def condition_image(size: tuple[int, int] = (48, 32)) -> Image.Image:
     y, x = np.mgrid[0 : size[1], 0 : size[0]]
     pixels = np.stack([x * 255 // size[0], y * 255 // size[1], (x + y) % 256], axis=-1)
     return Image.fromarray(pixels.astype(np.uint8))
+
+
+def condition_images(family: str) -> list[Image.Image]:
+    """The input images of a reference edit: one for the edit family, two (one result) for plus."""
+    if family == "qwen-image-edit":
+        return [condition_image()]
+    if family == "qwen-image-edit-plus":
+        return [condition_image(), condition_image((32, 48)).rotate(90, expand=True)]
+    return []
 
 
 def max_pixel_difference(a: Image.Image, b: Image.Image) -> int:
@@ -74,10 +83,11 @@ def reference_image(path: Path, family: str, height: int, width: int) -> Image.I
         prompt=REFERENCE_PROMPT, height=height, width=width, num_inference_steps=REFERENCE_STEPS,
         generator=torch.Generator("cpu").manual_seed(REFERENCE_SEED),
     )
-    if family in ("qwen-image", "qwen-image-edit"):
+    if family.startswith("qwen-image"):
         arguments.update(negative_prompt=" ", true_cfg_scale=4.0)
-    if family == "qwen-image-edit":
-        arguments["image"] = condition_image()
+    images = condition_images(family)
+    if images:
+        arguments["image"] = images[0] if len(images) == 1 else images
     if family == "z-image":
         arguments["guidance_scale"] = 0.0
     if family == "flux":
