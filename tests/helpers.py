@@ -154,6 +154,13 @@ def wait_until(condition, seconds: float, what: str, poll_s: float = 0.05) -> No
         time.sleep(poll_s)
 
 
+def served(tmp_path_factory, name: str, *args: str):
+    """For a fixture: a started `serve` with `args`, logging under a fresh `name` folder; stopped after."""
+    server = ServerProcess(list(args)).start(tmp_path_factory.mktemp(name) / "serve.log")
+    yield server
+    server.stop()
+
+
 @dataclass
 class ServerProcess:
     """A real `serve` process (uvicorn + worker ranks) on a free port."""

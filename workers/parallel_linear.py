@@ -57,6 +57,12 @@ def gather_columns(local: torch.Tensor, ranges: Ranges, width: int) -> torch.Ten
     return parallel_state.all_reduce(full)
 
 
+def _gathered_if_asked(local: torch.Tensor, weight: torch.Tensor, gather_output_width: int | None) -> torch.Tensor:
+    if gather_output_width is None:
+        return local
+    return gather_columns(local, shard_slices(weight).ranges, gather_output_width)
+
+
 def _communication(gather_output_width: int | None) -> str:
     if gather_output_width is None:
         return "no all-reduce"
@@ -80,10 +86,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _parameter((self.out_features,), slices, **factory) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.gather_output_width is None:
-            return y
-        return gather_columns(y, shard_slices(self.weight).ranges, self.gather_output_width)
+        return _gathered_if_asked(F.linear(x, self.weight, self.bias), self.weight, self.gather_output_width)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
@@ -108,9 +111,7 @@ class ParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = F.embedding(ids, self.weight, self.padding_idx)
-        if self.gather_output_width is None:
-            return local
-        return gather_columns(local, shard_slices(self.weight).ranges, self.gather_output_width)
+        return _gathered_if_asked(local, self.weight, self.gather_output_width)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)

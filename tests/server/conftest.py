@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ServerProcess
-
-
-def _server(tmp_path_factory, name: str, *args: str):
-    server = ServerProcess(list(args)).start(tmp_path_factory.mktemp(name) / "serve.log")
-    yield server
-    server.stop()
+from tests.helpers import served
 
 
 @pytest.fixture(scope="session")
 def z_image_server(tmp_path_factory):
-    yield from _server(tmp_path_factory, "z-image", "tiny/z-image", "--omni")
+    yield from served(tmp_path_factory, "z-image", "tiny/z-image", "--omni")
 
 
 @pytest.fixture(scope="session")
 def edit_server(tmp_path_factory):
-    yield from _server(tmp_path_factory, "edit", "tiny/qwen-image-edit", "--default-sampling-params",
+    yield from served(tmp_path_factory, "edit", "tiny/qwen-image-edit", "--default-sampling-params",
                        '{"num_inference_steps": 2}', "--max-upload-bytes", str(2**20))

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, served
 from tests.helpers import decode_b64 as decode
 
 
@@ -40,10 +40,8 @@ def test_edit_a_list_of_images_sends_image_brackets_and_edits_each(edit_server: 
 
 @pytest.fixture(scope="module")
 def plus_server(tmp_path_factory):
-    server = ServerProcess(["tiny/qwen-image-edit-plus", "--default-sampling-params", '{"num_inference_steps": 2}'])
-    server.start(tmp_path_factory.mktemp("edit-plus") / "serve.log")
-    yield server
-    server.stop()
+    yield from served(tmp_path_factory, "edit-plus", "tiny/qwen-image-edit-plus",
+                      "--default-sampling-params", '{"num_inference_steps": 2}')
 
 
 def test_edit_plus_reads_every_image_as_a_condition_of_one_result(plus_server: ServerProcess):

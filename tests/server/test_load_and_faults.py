@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import ServerProcess, alive, b64_pixels, wait_until
+from tests.helpers import ServerProcess, alive, b64_pixels, served, wait_until
 
 # Four 1024x1024 images for 200 steps: minutes of work on this machine, so a request that stops
 # within the bounds below (a few steps' time, at least 10x what stopping takes) was really cancelled.
@@ -57,10 +57,7 @@ def test_sixteen_concurrent_clients_each_get_their_own_image(z_image_server: Ser
 @pytest.fixture(scope="module")
 def narrow_server(tmp_path_factory):
     """Batching off and room for only two admitted requests."""
-    server = ServerProcess(["tiny/z-image", "--max-batch-size", "1", "--max-queue-size", "2"])
-    server.start(tmp_path_factory.mktemp("narrow") / "serve.log")
-    yield server
-    server.stop()
+    yield from served(tmp_path_factory, "narrow", "tiny/z-image", "--max-batch-size", "1", "--max-queue-size", "2")
 
 
 def test_beyond_the_queue_bound_requests_get_429_and_the_rest_succeed(narrow_server: ServerProcess):
@@ -98,10 +95,7 @@ def test_a_client_disconnect_frees_the_worker_within_a_step(narrow_server: Serve
 
 @pytest.fixture(scope="module")
 def tp2_server(tmp_path_factory):
-    server = ServerProcess(["tiny/z-image", "--tensor-parallel-size", "2"])
-    server.start(tmp_path_factory.mktemp("tp2") / "serve.log")
-    yield server
-    server.stop()
+    yield from served(tmp_path_factory, "tp2", "tiny/z-image", "--tensor-parallel-size", "2")
 
 
 @pytest.mark.parametrize("victim", ["follower", "driver"])
