@@ -8,7 +8,6 @@ and sharded exactly as the ranks build it (workers.sharded_loading), so the repo
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,9 +18,9 @@ from workers.parallel_linear import shard_slices
 from workers.sharded_loading import (
     ShardedComponent,
     build_meta_component,
-    holds_parameters,
     parameter_dtype,
     sharded_components,
+    unsharded_models,
 )
 from workers.tensor_parallel import apply_plan
 
@@ -53,7 +52,7 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     sharded = whole = 0
     for name, tensor in (*module.named_parameters(), *module.named_buffers()):
         kept = tensor.dtype if not tensor.is_floating_point() else parameter_dtype(module, name, dtype)
-        size = tensor.numel() * torch.empty((), dtype=kept).element_size()
+        size = tensor.numel() * kept.itemsize
         if shard_slices(tensor) is not None:
             sharded += size
         else:
@@ -69,16 +68,11 @@ def memory_report(
 
     components: what is sharded (default: as the ranks load it); the rest is held whole by rank 0.
     """
-    index = json.loads((model.path / "model_index.json").read_text())
     components = sharded_components(model.family, model.path) if components is None else components
     sharded = {c.name: c for c in components}
-    whole = {"transformers": 0, "diffusers": 0}  # components rank 0 holds whole: encoders without a plan, VAE
-    for name, entry in index.items():
-        if name.startswith("_") or name in sharded or not isinstance(entry, list):
-            continue
-        library, class_name = entry
-        if holds_parameters(library, class_name):  # not a tokenizer, processor or scheduler
-            whole[library] += sum(_bytes(build_meta_component(library, class_name, model.path / name), dtype))
+    whole = {"transformers": 0, "diffusers": 0}  # what rank 0 holds whole: encoders without a plan, VAE
+    for name, (library, class_name) in unsharded_models(model.path, set(sharded)).items():
+        whole[library] += sum(_bytes(build_meta_component(library, class_name, model.path / name), dtype))
     built = {name: build_meta_component(c.library, c.class_name, model.path / name) for name, c in sharded.items()}
     report = []
     for rank in range(world_size) if ranks is None else ranks:

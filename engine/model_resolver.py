@@ -43,8 +43,8 @@ def resolve_model(model: str, configs_only: bool = False) -> ResolvedModel:
     local = Path(model).expanduser()
     if local.is_dir():
         path = local
-    elif configs_only and model in published_model_ids() and _local_snapshot(model) is None:
-        path = cached_published_configs(model)
+    elif configs_only and model in published_model_ids():
+        path = _local_snapshot(model) or cached_published_configs(model)
     else:
         path = _hub_snapshot(model)
     family = _family_of(path, model)

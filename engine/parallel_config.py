@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import diffusers
 import torch
-import transformers
 
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
 from workers import WorkerSpec
-from workers.sharded_loading import sharded_components
+from workers.sharded_loading import component_config, sharded_components
 from workers.tensor_parallel import ShardPlanner
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -64,11 +62,7 @@ def worker_spec(
 def check_tensor_parallel_size(model: ResolvedModel, world_size: int) -> None:
     """Fail before any process starts when a sharded component cannot be split over `world_size` ranks."""
     for component in sharded_components(model.family, model.path):
-        directory = model.path / component.name
-        if component.library == "transformers":
-            config = transformers.AutoConfig.from_pretrained(directory)
-        else:
-            config = getattr(diffusers, component.class_name).load_config(directory)
+        config = component_config(component.library, component.class_name, model.path / component.name)
         try:
             ShardPlanner(component.plan, config, rank=0, world_size=world_size)
         except ValueError as exc:

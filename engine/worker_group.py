@@ -95,7 +95,6 @@ class WorkerGroup:
             requests=self._context.Queue(), cancels=self._context.Queue(), events=self._context.Queue(),
             doorbells=[self._context.Queue() for _ in range(spec.world_size - 1)],
         )
-        self._events = self._channels.events
         self._processes: list = []
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -135,7 +134,7 @@ class WorkerGroup:
                     f"workers did not load within {self.startup_timeout_s:.0f} s; a slow disk or a large model may "
                     "need more (--startup-timeout, startup_timeout_s)")
             try:
-                event = self._events.get(timeout=_POLL_S)
+                event = self._channels.events.get(timeout=_POLL_S)
             except queue.Empty:
                 dead = self._dead_ranks()
                 if dead:
@@ -227,7 +226,7 @@ class WorkerGroup:
     def _read_events(self) -> None:
         while not self._stopping.is_set():
             try:
-                event = self._events.get(timeout=_POLL_S)
+                event = self._channels.events.get(timeout=_POLL_S)
             except (ValueError, OSError):  # closed under us by close()
                 return
             except queue.Empty:

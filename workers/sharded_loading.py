@@ -51,34 +51,47 @@ def sharded_components(family: FamilyConfig, model_path: Path) -> list[ShardedCo
     return components
 
 
+def component_config(library: str, class_name: str, directory: Path):
+    """The component's configuration: a transformers config object, or diffusers' config dict."""
+    if library == "transformers":
+        return transformers.AutoConfig.from_pretrained(directory)
+    return getattr(diffusers, class_name).load_config(directory)
+
+
 def build_meta_component(library: str, class_name: str, directory: Path) -> nn.Module:
     """The component with every parameter on the meta device (no memory), eval mode."""
+    config = component_config(library, class_name, directory)
     with accelerate.init_empty_weights(include_buffers=False):
         if library == "transformers":
-            model = getattr(transformers, class_name)._from_config(transformers.AutoConfig.from_pretrained(directory))
+            model = getattr(transformers, class_name)._from_config(config)
         else:
-            model_class = getattr(diffusers, class_name)
-            model = model_class.from_config(model_class.load_config(directory))
+            model = getattr(diffusers, class_name).from_config(config)
     return model.eval().requires_grad_(False)
 
 
-def random_unsharded_models(
-    model_path: Path, skip: set[str], device: torch.device, dtype: torch.dtype
-) -> dict[str, nn.Module]:
-    """Every model of the pipeline not in `skip` (the VAE, encoders without a plan), random."""
+def unsharded_models(model_path: Path, sharded: set[str]) -> dict[str, tuple[str, str]]:
+    """Name -> (library, class) of every model of the pipeline not in `sharded` (the VAE, encoders
+    without a plan); tokenizers, processors and schedulers are not models."""
     index = json.loads((model_path / "model_index.json").read_text())
+    return {
+        name: (entry[0], entry[1]) for name, entry in index.items()
+        if name not in sharded and isinstance(entry, list) and _holds_parameters(entry[0], entry[1])
+    }
+
+
+def random_unsharded_models(
+    model_path: Path, sharded: set[str], device: torch.device, dtype: torch.dtype
+) -> dict[str, nn.Module]:
+    """Every model of the pipeline not in `sharded`, built at random."""
     models = {}
-    for name, entry in index.items():
-        if name in skip or not isinstance(entry, list) or not holds_parameters(*entry):
-            continue
-        models[name] = build_meta_component(*entry, model_path / name)
+    for name, (library, class_name) in unsharded_models(model_path, sharded).items():
+        models[name] = build_meta_component(library, class_name, model_path / name)
         initialize_randomly(models[name], device, dtype)
         _cast_buffers(models[name], dtype)
     return models
 
 
-def holds_parameters(library: str, class_name: str) -> bool:
-    """A model class (not a tokenizer, processor or scheduler)."""
+def _holds_parameters(library: str, class_name: str) -> bool:
     if library == "transformers":
         return issubclass(getattr(transformers, class_name, object), transformers.PreTrainedModel)
     return library == "diffusers" and issubclass(getattr(diffusers, class_name, object), diffusers.ModelMixin)
