@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from configs import load_family
 from engine.worker_group import free_port
-from workers import parallel_state
+from workers import RankLayout, parallel_state
 from workers.sharded_loading import dit_component, load_component_shard
 
 MEDIUM_Z_IMAGE = dict(
@@ -50,7 +50,7 @@ def step_inputs() -> tuple:
 
 def run_rank(rank: int, world_size: int, threads: int, directory: Path, port: int, steps: int, results) -> None:
     torch.set_num_threads(threads)
-    parallel_state.initialize(rank, world_size, "cpu", port)
+    parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port)
     model = load_component_shard(
         dit_component(load_family("z-image")), directory / "transformer", rank, world_size, torch.device("cpu"),
         torch.float32,
@@ -58,14 +58,14 @@ def run_rank(rank: int, world_size: int, threads: int, directory: Path, port: in
     latents, timestep, captions = step_inputs()
     with torch.inference_mode():
         model(latents, timestep, captions, return_dict=False)  # warm-up
-        parallel_state.reset_all_reduce_counters()
+        parallel_state.reset_collective_counters()
         if world_size > 1:
             dist.barrier()
         started = time.perf_counter()
         for _ in range(steps):
             model(latents, timestep, captions, return_dict=False)
         elapsed = (time.perf_counter() - started) / steps
-    calls, sent = parallel_state.all_reduce_counters()
+    calls, sent = parallel_state.collective_counters().get("all_reduce", (0, 0))
     if rank == 0:
         results.put((elapsed, calls / steps, sent / max(calls, 1)))
     parallel_state.shutdown()

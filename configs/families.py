@@ -87,6 +87,30 @@ class TensorParallelPlan(_Strict):
     buffers: list[BufferRule] = []
 
 
+class SequenceParallelPlan(_Strict):
+    """Where the DiT's tokens are split over the Ulysses ranks and gathered again. Module paths are
+    dotted names below the DiT ("" is the DiT itself, "blocks.*" every entry of a list, "blocks.0"
+    and "blocks.-1" its first and last); every op between a split and its gather must treat tokens
+    independently except attention, which the Ulysses all-to-all handles."""
+
+    split_inputs: dict[str, dict[str, int]] = {}  # module -> {forward argument: token dim}
+    split_outputs: dict[str, dict[int, int]] = {}  # module -> {output index (0 for a lone tensor): token dim}
+    gather_outputs: dict[str, int] = {}  # module -> token dim of its output
+
+
+class CfgParallelPlan(_Strict):
+    """How a family's pipeline runs its guidance branches, so CFG parallelism can run them at once.
+
+    separate_calls: true CFG calls the DiT twice per step (cond, then uncond) when
+    true_cfg_scale > 1 and a negative prompt is given; the output has the shape of `hidden_states`.
+    batched: the branches (and the images of a batch) are rows of one call; `batch_arguments` are
+    the forward arguments (tensors or lists) whose first dimension is that batch.
+    """
+
+    branches: Literal["separate_calls", "batched"]
+    batch_arguments: list[str] = []
+
+
 class TinyRecipe(_Strict):
     """Numbers of the built-in tiny variant: component configs and sampling overrides."""
 
@@ -107,6 +131,8 @@ class FamilyConfig(_Strict):
     task: Literal["text-to-image", "image-edit", "multi-image-edit"]
     defaults: OmniDiffusionSamplingParams
     tensor_parallel: TensorParallelPlan
+    sequence_parallel: SequenceParallelPlan
+    cfg_parallel: CfgParallelPlan
     size: SizeLimits
     # The fewest denoising steps the family's published scheduler handles (fewer give NaN sigmas).
     min_inference_steps: int = 1

@@ -87,6 +87,10 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.metrics.queue_depth.set_function(lambda: len(self._waiting))
         self.metrics.running.set_function(lambda: len(self._running))
+        layout = config.parallel.layout
+        for axis, size in (("tp", layout.tensor_parallel_size), ("ulysses", layout.ulysses_degree),
+                           ("cfg", layout.cfg_parallel_size)):
+            self.metrics.parallel_size.labels(axis).set(size)
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, on_loaded: Callable[[], None] | None = None) -> None:

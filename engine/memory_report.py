@@ -1,4 +1,4 @@
-"""Per-rank parameter memory of a model at a tensor-parallel size, computed on the meta device.
+"""Per-rank parameter memory of a model under a rank layout, computed on the meta device.
 
 Only config files are read, so it works for full-size models whose weights are not present (the
 published ones resolve to the configurations in configs/published.yaml). Every component is built
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model_resolver import ResolvedModel
+from workers import RankLayout
 from workers.parallel_linear import shard_slices
 from workers.sharded_loading import (
     ShardedComponent,
@@ -61,13 +62,17 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def memory_report(
-    model: ResolvedModel, world_size: int, dtype: torch.dtype, ranks: Iterable[int] | None = None,
+    model: ResolvedModel, layout: RankLayout | int, dtype: torch.dtype, ranks: Iterable[int] | None = None,
     components: list[ShardedComponent] | None = None,
 ) -> list[RankMemory]:
-    """Bytes per rank (all ranks, or those in `ranks`) as loading `model` at `world_size` holds them.
+    """Bytes per rank (all ranks, or those in `ranks`) as loading `model` under `layout` (or at a
+    tensor-parallel size) holds them. Every rank holds its TP shard of the DiT (CFG and Ulysses
+    groups replicate it); text encoders live on the driver's TP group only; the VAE on rank 0.
 
     components: what is sharded (default: as the ranks load it); the rest is held whole by rank 0.
     """
+    layout = RankLayout(tensor_parallel_size=layout) if isinstance(layout, int) else layout
+    world_size = layout.tensor_parallel_size
     components = sharded_components(model.family, model.path) if components is None else components
     sharded = {c.name: c for c in components}
     whole = {"transformers": 0, "diffusers": 0}  # what rank 0 holds whole: encoders without a plan, VAE
@@ -75,12 +80,15 @@ def memory_report(
         whole[library] += sum(_bytes(build_meta_component(library, class_name, model.path / name), dtype))
     built = {name: build_meta_component(c.library, c.class_name, model.path / name) for name, c in sharded.items()}
     report = []
-    for rank in range(world_size) if ranks is None else ranks:
+    for rank in range(layout.world_size) if ranks is None else ranks:
+        cfg, ulysses, tp_rank = layout.coordinates(rank)
         counts = {}
         for name, component in sharded.items():
+            if name != "transformer" and (cfg, ulysses) != (0, 0):
+                continue
             module = copy.deepcopy(built[name])  # cheaper than building again (tables computed at init)
             if world_size > 1:
-                apply_plan(module, component.plan, rank, world_size)
+                apply_plan(module, component.plan, tp_rank, world_size)
             counts[name] = _bytes(module, dtype)
         encoders = [counts[name] for name in counts if name != "transformer"]
         on_driver = rank == 0
@@ -99,7 +107,8 @@ def format_size(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
 
 
-def format_report(model: ResolvedModel, world_size: int, dtype_name: str, ranks: list[RankMemory]) -> str:
+def format_report(model: ResolvedModel, layout: RankLayout | int, dtype_name: str, ranks: list[RankMemory]) -> str:
+    layout = RankLayout(tensor_parallel_size=layout) if isinstance(layout, int) else layout
     header = ("rank", "DiT shard", "DiT replicated", "text enc. shard", "text enc. whole", "VAE", "total")
     rows = [header] + [
         (str(r.rank), *map(format_size, (r.dit_sharded, r.dit_replicated, r.text_encoders_sharded,
@@ -107,6 +116,6 @@ def format_report(model: ResolvedModel, world_size: int, dtype_name: str, ranks:
         for r in ranks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [f"{model.name} ({model.family.name}), tensor_parallel_size={world_size}, {dtype_name} parameters"]
+    lines = [f"{model.name} ({model.family.name}), {layout.describe()}, {dtype_name} parameters"]
     lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     return "\n".join(lines)

@@ -29,3 +29,5 @@ class Metrics:
                                       buckets=_STEP_BUCKETS, registry=r)
         self.cancelled = Counter("ditserve_requests_cancelled", "Requests stopped by disconnect or timeout", registry=r)
         self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)
+        self.parallel_size = Gauge("ditserve_parallel_size", "Ranks along each axis of the parallel layout "
+                                   "(tp, ulysses, cfg; world = their product)", ["axis"], registry=r)

@@ -63,7 +63,7 @@ class Omni:
 
     def rank_parameter_bytes(self) -> list[dict[str, int]]:
         """Per rank, the bytes each loaded component holds (followers: only their DiT shard)."""
-        return [self._group.parameter_bytes[rank] for rank in range(self.parallel_config.tensor_parallel_size)]
+        return [self._group.parameter_bytes[rank] for rank in range(self.parallel_config.world_size)]
 
     def rank_pids(self) -> list[int]:
         """The process id of every rank, rank 0 first (empty once closed)."""

@@ -8,41 +8,130 @@ import torch
 
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
-from workers import WorkerSpec
+from workers import RankLayout, WorkerSpec
 from workers.sharded_loading import component_config, sharded_components
-from workers.tensor_parallel import ShardPlanner
+from workers.tensor_parallel import ShardPlanner, config_value, head_shares
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+# Of a device's memory, what the parameters may take at most when `auto` chooses the TP size; the
+# rest is for activations, the CUDA context and the allocator's slack.
+AUTO_PARAMETER_SHARE = 0.8
 
 
 @dataclass(frozen=True)
 class DiffusionParallelConfig:
+    """How many ranks, and what each axis does. World size = the product; TP is innermost.
+
+    tensor_parallel_size: shards every layer (memory 1/N, an all-reduce per layer).
+    ulysses_degree: splits the tokens (all-to-all around attention; the DiT is replicated).
+    cfg_parallel_size: 1 or 2; the two guidance branches run at once (the DiT is replicated).
+    """
+
     tensor_parallel_size: int = 1
+    ulysses_degree: int = 1
+    cfg_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
+        for name in ("tensor_parallel_size", "ulysses_degree"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.cfg_parallel_size not in (1, 2):
+            raise ValueError(f"cfg_parallel_size={self.cfg_parallel_size} must be 1 or 2 (guidance has two branches)")
+
+    @property
+    def layout(self) -> RankLayout:
+        return RankLayout(self.tensor_parallel_size, self.ulysses_degree, self.cfg_parallel_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @classmethod
+    def auto(cls, num_devices: int, model: ResolvedModel, device_memory_bytes: int | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> tuple[DiffusionParallelConfig, str]:
+        """The layout the published results favour on `num_devices`, and why: tensor parallelism
+        only as far as the parameters need (they must fit in AUTO_PARAMETER_SHARE of a device),
+        then CFG parallel for a model whose default sampling runs two branches, then Ulysses."""
+        from engine.memory_report import memory_report  # builds models on meta: only when asked
+
+        if num_devices < 1:
+            raise ValueError(f"num_devices={num_devices} must be at least 1")
+        reasons, tp = [], 1
+        if device_memory_bytes is not None:
+            budget = AUTO_PARAMETER_SHARE * device_memory_bytes
+            for tp in (size for size in range(1, num_devices + 1) if num_devices % size == 0):
+                if _fits_tp(model, tp) and memory_report(model, tp, dtype, ranks=[0])[0].total <= budget:
+                    break
+            else:
+                raise ValueError(f"{model.name} does not fit {num_devices} device(s) of "
+                                 f"{device_memory_bytes / 2**30:.1f} GiB in {dtype}: its rank 0 needs more at "
+                                 "every tensor-parallel size")
+            reasons.append(f"tensor_parallel_size={tp}: the smallest whose rank 0 parameters fit "
+                           f"{AUTO_PARAMETER_SHARE:.0%} of {device_memory_bytes / 2**30:.1f} GiB")
+        left = num_devices // tp
+        cfg = 2 if left % 2 == 0 and has_two_branches(model) else 1
+        if cfg == 2:
+            reasons.append("cfg_parallel_size=2: the model's default sampling runs two guidance branches per step")
+        left //= cfg
+        ulysses = max(d for d in range(1, left + 1) if left % d == 0 and _fits_ulysses(model, tp, d))
+        if ulysses > 1:
+            reasons.append(f"ulysses_degree={ulysses}: the remaining devices split the tokens")
+        if left // ulysses > 1:
+            tp *= left // ulysses
+            reasons.append(f"tensor_parallel_size={tp}: the DiT's heads do not split further by Ulysses")
+        return cls(tp, ulysses, cfg), "; ".join(reasons) or "one device"
 
 
-LOAD_FORMATS = ("auto", "dummy")
+def has_two_branches(model: ResolvedModel) -> bool:
+    """Whether the model's default sampling runs two DiT branches per step (true CFG or batched CFG)."""
+    defaults = model.defaults
+    if model.family.cfg_parallel.branches == "separate_calls":
+        return (defaults.true_cfg_scale or 0) > 1 and defaults.negative_prompt is not None
+    return (defaults.guidance_scale or 0) > 1
+
+
+def _dit_heads(model: ResolvedModel, tp: int) -> list[int]:
+    """The fewest query heads any TP rank holds, per attention layout of the DiT."""
+    component = sharded_components(model.family, model.path)[0]
+    config = component_config(component.library, component.class_name, model.path / component.name)
+    fewest = []
+    for layout in component.plan.layouts.values():
+        heads = config_value(config, layout.heads)
+        kv_heads = config_value(config, layout.kv_heads) if layout.kv_heads else heads
+        shares = head_shares(heads, kv_heads, 1, tp, layout.heads)
+        fewest.append(min(share.local_heads for share in shares))
+    return fewest
+
+
+def _fits_tp(model: ResolvedModel, tp: int) -> bool:
+    try:
+        check_split(model, DiffusionParallelConfig(tensor_parallel_size=tp))
+    except ValueError:
+        return False
+    return True
+
+
+def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
+    return min(_dit_heads(model, tp)) >= ulysses
 
 
 def worker_spec(
     model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto"
 ) -> WorkerSpec:
     """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
-    check_tensor_parallel_size(model, parallel.tensor_parallel_size)
+    check_split(model, parallel)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}")
-    world_size = parallel.tensor_parallel_size
+    world_size = parallel.world_size
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if 0 < cuda_devices < world_size:
         raise ValueError(
-            f"tensor_parallel_size={world_size} needs {world_size} CUDA devices, one per rank, but this machine "
-            f"has {cuda_devices}: use a tensor-parallel size of at most {cuda_devices}, or hide the GPUs "
-            "(CUDA_VISIBLE_DEVICES=) to run every rank on the CPU"
+            f"{parallel.layout.describe()} needs {world_size} CUDA devices, one per rank, but this machine "
+            f"has {cuda_devices}: use a layout of at most {cuda_devices} ranks (--parallel auto picks one), or hide "
+            "the GPUs (CUDA_VISIBLE_DEVICES=) to run every rank on the CPU"
         )
     on_cuda = cuda_devices > 0
     if dtype == "auto":
@@ -50,7 +139,7 @@ def worker_spec(
     return WorkerSpec(
         model_path=model.path,
         family_name=model.family.name,
-        world_size=world_size,
+        layout=parallel.layout,
         device_type="cuda" if on_cuda else "cpu",
         dtype=dtype,
         master_port=free_port(),
@@ -59,13 +148,22 @@ def worker_spec(
     )
 
 
-def check_tensor_parallel_size(model: ResolvedModel, world_size: int) -> None:
-    """Fail before any process starts when a sharded component cannot be split over `world_size` ranks."""
+def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig) -> None:
+    """Fail before any process starts when a sharded component cannot be split over the TP ranks,
+    or the DiT's heads (per TP rank) over the Ulysses ranks."""
+    tp = parallel.tensor_parallel_size
     for component in sharded_components(model.family, model.path):
         config = component_config(component.library, component.class_name, model.path / component.name)
         try:
-            ShardPlanner(component.plan, config, rank=0, world_size=world_size)
+            ShardPlanner(component.plan, config, rank=0, world_size=tp)
         except ValueError as exc:
             if component.name == "transformer":
                 raise
             raise ValueError(f"{component.name} ({component.class_name}): {exc}") from None
+    if parallel.ulysses_degree > 1:
+        fewest = min(_dit_heads(model, tp))
+        if fewest < parallel.ulysses_degree:
+            raise ValueError(
+                f"ulysses_degree={parallel.ulysses_degree} needs at least that many attention heads on every "
+                f"tensor-parallel rank, but {model.name}'s DiT at tensor_parallel_size={tp} leaves {fewest}: "
+                f"Ulysses degrees that work at this size: 1 to {fewest}")

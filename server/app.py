@@ -36,9 +36,9 @@ def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
     if engine.state is EngineState.STOPPED:
         return
     if engine.healthy:
-        logger.info("ditserve ready: serving %s at http://%s:%d (tensor_parallel_size=%d, max_batch_size=%d)",
+        logger.info("ditserve ready: serving %s at http://%s:%d (%s, max_batch_size=%d)",
                     settings.served_model_name, settings.host, settings.port,
-                    engine.config.parallel.tensor_parallel_size, engine.config.max_batch_size)
+                    engine.config.parallel.layout.describe(), engine.config.max_batch_size)
     else:  # a server that cannot serve should exit, so a supervisor can see and restart it
         logger.error("ditserve could not load %s; shutting down", settings.model)
         os.kill(os.getpid(), signal.SIGTERM)

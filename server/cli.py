@@ -19,7 +19,7 @@ from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineCo
 from engine.memory_report import format_report, memory_report
 from engine.parallel_config import DTYPES, LOAD_FORMATS
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
-from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S
+from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, usable_cores
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
@@ -29,8 +29,39 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
 def _memory(args: argparse.Namespace) -> None:
     model = resolve_model(args.model, configs_only=True)
-    ranks = memory_report(model, args.tensor_parallel_size, getattr(torch, args.dtype))
-    print(format_report(model, args.tensor_parallel_size, args.dtype, ranks))
+    layout = _parallel_config(args).layout
+    ranks = memory_report(model, layout, getattr(torch, args.dtype))
+    print(format_report(model, layout, args.dtype, ranks))
+
+
+def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks every layer of the DiT (and text encoders) is split over: memory 1/N (default 1)")
+    parser.add_argument("--ulysses-degree", "--usp", type=int, default=1,
+                        help="ranks the DiT's tokens are split over (Ulysses sequence parallel; default 1)")
+    parser.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2],
+                        help="2: the two guidance branches run at once on two groups of ranks (default 1)")
+
+
+def _parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
+    return DiffusionParallelConfig(args.tensor_parallel_size, args.ulysses_degree, args.cfg_parallel_size)
+
+
+def _auto_parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
+    """`--parallel auto`: one rank per CUDA device (per core, up to 8, on a CPU), layout by the model."""
+    if (args.tensor_parallel_size, args.ulysses_degree, args.cfg_parallel_size) != (1, 1, 1):
+        raise ValueError("--parallel auto chooses the sizes itself: leave out --tensor-parallel-size, "
+                         "--ulysses-degree and --cfg-parallel-size")
+    model = resolve_model(args.model, configs_only=True)
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        devices, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+    else:
+        devices, memory = min(8, usable_cores()), None
+    dtype = torch.float32 if args.dtype == "float32" or (args.dtype == "auto" and memory is None) else torch.bfloat16
+    config, reason = DiffusionParallelConfig.auto(devices, model, memory, dtype)
+    logging.getLogger("ditserve").info("--parallel auto on %d device(s): %s (%s)", devices,
+                                       config.layout.describe(), reason)
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     make_tiny.add_argument("directory", help="folder to write (created if missing)")
     make_tiny.set_defaults(run=_make_tiny)
     memory = commands.add_parser(
-        "memory", help="per-rank parameter memory at a tensor-parallel size (from configs only)"
+        "memory", help="per-rank parameter memory under a parallel layout (from configs only)"
     )
     memory.add_argument("model", help="tiny/<family>, a diffusers folder (configs suffice) or a hub id")
-    memory.add_argument("--tensor-parallel-size", type=int, default=1)
+    _add_layout_arguments(memory)
     memory.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     memory.set_defaults(run=_memory)
     return parser
@@ -69,8 +100,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=os.environ.get("DITSERVE_HOST", "127.0.0.1"),
                         help="address to listen on (default 127.0.0.1, env DITSERVE_HOST)")
     parser.add_argument("--port", type=int, default=8091, help="default 8091")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1,
-                        help="rank processes the DiT is split over, one per GPU (default 1)")
+    _add_layout_arguments(parser)
+    parser.add_argument("--parallel", choices=["auto"], default=None,
+                        help="auto: choose the layout for this machine's devices and the model (CFG parallel "
+                             "first for true-CFG models, then Ulysses, TP only as far as memory needs)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
@@ -130,7 +163,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     try:
         engine = AsyncEngine(EngineConfig(
             model=args.model,
-            parallel=DiffusionParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
+            parallel=_auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args),
             dtype=args.dtype,
             load_format=args.load_format,
             default_overrides=_sampling_overrides(args.default_sampling_params),

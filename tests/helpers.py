@@ -76,6 +76,9 @@ def load_plain_pipeline(path: Path) -> diffusers.DiffusionPipeline:
     return pipeline
 
 
+FLUX_TRUE_CFG = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
+
+
 def reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
     """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API."""
     pipeline = load_plain_pipeline(path)
@@ -90,8 +93,8 @@ def reference_image(path: Path, family: str, height: int, width: int) -> Image.I
         arguments["image"] = images[0] if len(images) == 1 else images
     if family == "z-image":
         arguments["guidance_scale"] = 0.0
-    if family == "flux":
-        arguments["guidance_scale"] = 3.5
+    if family == "flux":  # FLUX.1-dev's distilled guidance plus true CFG: two DiT calls per step
+        arguments.update(guidance_scale=3.5, **FLUX_TRUE_CFG)
     if family == "sd3":
         arguments["guidance_scale"] = 7.0
     with torch.inference_mode():

@@ -1,9 +1,10 @@
 """How followers learn what to run: the driver broadcasts every sharded module's forward call.
 
-On the driver a forward pre-hook on each sharded module (the DiT, the text encoders) sends
-(command, (module name, args, kwargs)) as one pickled object and each tensor with a real broadcast
-(NCCL or gloo), so followers run the same sharded forward on the same inputs. Every decision
-(next step, stop) is taken on the driver and arrives as a command.
+The driver sends (command, (module name, calls, exchange)) as one pickled object and each tensor
+with a real broadcast (NCCL or gloo): `calls` holds one (args, kwargs) per CFG group (a text
+encoder's forward pre-hook sends one; the DiT's dispatcher, cfg_parallel, one or two), so followers
+run the same sharded forward on the same inputs. Every decision (next step, stop) is taken on the
+driver and arrives as a command.
 
 Collectives have a timeout, so followers must never wait in one for long: between batches (and
 while rank 0 is still loading) they wait on a doorbell, a plain queue with no timeout, which the
@@ -103,10 +104,10 @@ def _strip_slots(tree: Any, slots: list[_TensorSlot]) -> None:
 
 
 def install_driver_hook(name: str, module: nn.Module) -> None:
-    """Make every forward call of the driver's module `name` first reach the followers."""
+    """Make every forward call of the driver's module `name` (a text encoder) first reach the followers."""
 
     def broadcast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        send(FORWARD, (name, args, kwargs))
+        send(FORWARD, (name, [(args, kwargs)], False))
 
     module.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
 
@@ -128,9 +129,10 @@ def _wait_for_the_doorbell(doorbell, engine_alive: Callable[[], bool]) -> bool:
 
 
 @torch.inference_mode()
-def follow(modules: dict[str, nn.Module], doorbell, engine_alive: Callable[[], bool]) -> None:
-    """Follower loop: after each ring, run every broadcast forward on the named module until the
-    driver says idle (wait for the next ring) or stop."""
+def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_alive: Callable[[], bool]) -> None:
+    """Follower loop: after each ring, run every broadcast forward with the named handler until the
+    driver says idle (wait for the next ring) or stop. A rank without a handler for a name (a text
+    encoder it does not hold) only receives the call."""
     while _wait_for_the_doorbell(doorbell, engine_alive):
         while True:
             command, tree = receive()
@@ -138,5 +140,6 @@ def follow(modules: dict[str, nn.Module], doorbell, engine_alive: Callable[[], b
                 return
             if command == IDLE:
                 break
-            name, args, kwargs = tree
-            modules[name](*args, **kwargs)
+            name, calls, exchange = tree
+            if name in handlers:
+                handlers[name](calls, exchange)

@@ -15,18 +15,65 @@ from PIL import Image
 from configs import SamplingParams
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """How the ranks of one group divide the work: rank = (cfg * ulysses_degree + ulysses) * tp + tp_rank.
+
+    Tensor parallelism is innermost (its all-reduces run every layer: neighbours, one NVLink hop),
+    then Ulysses (two all-to-alls per attention), then CFG (one exchange per step).
+    """
+
+    tensor_parallel_size: int = 1
+    ulysses_degree: int = 1
+    cfg_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.ulysses_degree * self.cfg_parallel_size
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(cfg group, ulysses rank, tensor-parallel rank) of `rank`."""
+        tp, rest = rank % self.tensor_parallel_size, rank // self.tensor_parallel_size
+        return rest // self.ulysses_degree, rest % self.ulysses_degree, tp
+
+    def rank(self, cfg: int, ulysses: int, tp: int) -> int:
+        return (cfg * self.ulysses_degree + ulysses) * self.tensor_parallel_size + tp
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group of ranks that differ only along `axis` ("tp", "ulysses" or "cfg")."""
+        sizes = {"cfg": self.cfg_parallel_size, "ulysses": self.ulysses_degree, "tp": self.tensor_parallel_size}
+        others = [a for a in sizes if a != axis]
+        groups = []
+        for i in range(sizes[others[0]]):
+            for j in range(sizes[others[1]]):
+                coordinates = {others[0]: i, others[1]: j}
+                groups.append([self.rank(**{**coordinates, axis: k}) for k in range(sizes[axis])])
+        return groups
+
+    def describe(self) -> str:
+        """e.g. "tensor_parallel_size=2 x cfg_parallel_size=2 (4 ranks)"; the sizes above 1 only."""
+        sizes = {"tensor_parallel_size": self.tensor_parallel_size, "ulysses_degree": self.ulysses_degree,
+                 "cfg_parallel_size": self.cfg_parallel_size}
+        named = [f"{name}={size}" for name, size in sizes.items() if size > 1] or ["tensor_parallel_size=1"]
+        return " x ".join(named) + (f" ({self.world_size} ranks)" if len(named) > 1 else "")
+
+
 @dataclass
 class WorkerSpec:
     """How every rank of one worker group is started."""
 
     model_path: Path
     family_name: str
-    world_size: int
+    layout: RankLayout
     device_type: str  # "cuda" or "cpu"
     dtype: str  # torch dtype name, e.g. "float32"
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
 
 @dataclass

@@ -1,37 +1,55 @@
-"""The tensor-parallel process group of this rank process, asked for by name from anywhere.
+"""The process groups of this rank process (tensor, Ulysses and CFG parallel), asked for by name.
 
 `initialize` runs once per rank process; every getter fails loudly before it, so a sharded layer
-can never silently run as if it were alone.
+can never silently run as if it were alone. Each axis of the `RankLayout` has one group per
+combination of the other two coordinates; this rank belongs to one of each.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from workers.shm_all_reduce import SharedMemoryAllReduce
+from workers.messages import RankLayout
+from workers.shm_exchange import SharedMemoryGroup
 
 # Within a batch followers wait in a broadcast while the driver runs the VAE or the scheduler;
 # between batches and during loading they wait outside any collective (forward_broadcast's
 # doorbell), so this only bounds a truly stuck collective.
 COLLECTIVE_TIMEOUT_S = 600.0
+AXES = ("tp", "ulysses", "cfg")
+_MAX_HEADER = 64
+
+
+@dataclass
+class _Group:
+    ranks: list[int]
+    index: int  # this rank's position in `ranks`
+    process_group: dist.ProcessGroup | None = None
+    shared_memory: SharedMemoryGroup | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
 
 
 @dataclass
 class _State:
     rank: int
-    world_size: int
+    layout: RankLayout
     device: torch.device
-    all_reduce_calls: int = 0
-    all_reduce_bytes: int = 0
+    groups: dict[str, _Group]
+    calls: collections.Counter = field(default_factory=collections.Counter)  # collective -> calls
+    bytes: collections.Counter = field(default_factory=collections.Counter)  # collective -> bytes sent
     broken: bool = False
-    shm_all_reduce: SharedMemoryAllReduce | None = None
 
 
 _state: _State | None = None
@@ -44,26 +62,43 @@ def _current() -> _State:
 
 
 def initialize(
-    rank: int, world_size: int, device_type: str, master_port: int, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    rank: int, layout: RankLayout, device_type: str, master_port: int,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
 ) -> None:
-    """Join the group (NCCL on CUDA, gloo on CPU) over loopback; no process group at world size 1."""
+    """Join the world (NCCL on CUDA, gloo on CPU) over loopback, then every axis group; no process
+    group at world size 1. On x86 CPUs each group of two or more also gets a shared-memory exchange."""
     global _state
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    _state = _State(rank, world_size, device)
-    if world_size == 1:
+    groups = {}
+    for axis in AXES:
+        mine = next(g for g in layout.groups(axis) if rank in g)
+        groups[axis] = _Group(mine, mine.index(rank))
+    _state = _State(rank, layout, device, groups)
+    if layout.world_size == 1:
         return
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
     dist.init_process_group(
         backend="nccl" if device_type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{master_port}",
         rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=collective_timeout_s),
+        world_size=layout.world_size,
+        timeout=timeout,
         device_id=device if device_type == "cuda" else None,
     )
-    if device_type == "cpu" and SharedMemoryAllReduce.supported():
-        _state.shm_all_reduce = SharedMemoryAllReduce(
-            rank, world_size, f"ditserve-{os.getppid()}-{master_port}", collective_timeout_s
-        )
+    use_shared_memory = device_type == "cpu" and SharedMemoryGroup.supported()
+    for axis in AXES:
+        for ranks in layout.groups(axis):  # every rank creates every group, in the same order
+            if len(ranks) == 1:
+                continue
+            process_group = dist.new_group(ranks, timeout=timeout) if len(ranks) < layout.world_size else None
+            if rank not in ranks:
+                continue
+            group = groups[axis]
+            group.process_group = process_group
+            if use_shared_memory:
+                name = f"ditserve-{os.getppid()}-{master_port}-{axis}-{ranks[0]}"
+                group.shared_memory = SharedMemoryGroup(group.index, group.size, name, collective_timeout_s,
+                                                        process_group)
 
 
 def shutdown() -> None:
@@ -75,19 +110,106 @@ def device() -> torch.device:
     return _current().device
 
 
+def layout() -> RankLayout:
+    return _current().layout
+
+
+def rank_in(axis: str) -> int:
+    """This rank's position along `axis` ("tp", "ulysses" or "cfg")."""
+    return _current().groups[axis].index
+
+
+def size_of(axis: str) -> int:
+    return _current().groups[axis].size
+
+
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the group in place (counted, for the benchmarks)."""
-    state = _current()
-    if state.world_size == 1:
+    """Sum `tensor` over the tensor-parallel group in place."""
+    group = _current().groups["tp"]
+    if group.size == 1:
         return tensor
-    state.all_reduce_calls += 1
-    state.all_reduce_bytes += tensor.numel() * tensor.element_size()
+    _count("all_reduce", tensor.numel() * tensor.element_size())
     with collective():
-        if state.shm_all_reduce is not None:
-            state.shm_all_reduce(tensor)
+        if group.shared_memory is not None:
+            group.shared_memory.all_reduce(tensor)
         else:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=group.process_group)
     return tensor
+
+
+def all_gather(tensors: list[torch.Tensor], axis: str) -> list[list[torch.Tensor]]:
+    """Every member's `tensors` along `axis`, in member order; shapes may differ between members."""
+    group = _current().groups[axis]
+    if group.size == 1:
+        return [list(tensors)]
+    _count(f"{axis}_all_gather", sum(t.numel() * t.element_size() for t in tensors))
+    with collective():
+        if group.shared_memory is not None:
+            return group.shared_memory.all_gather(tensors)
+        return _gather_through_dist(tensors, group)
+
+
+def all_to_all(pieces: list[torch.Tensor], axis: str) -> list[torch.Tensor]:
+    """pieces[j] goes to member j; returns what each member addressed to this one, in member order."""
+    group = _current().groups[axis]
+    if group.size == 1:
+        return list(pieces)
+    mine = pieces[group.index]
+    _count(f"{axis}_all_to_all", sum(p.numel() * p.element_size() for p in pieces) - mine.numel() * mine.element_size())
+    with collective():
+        if group.shared_memory is not None:
+            gathered = group.shared_memory.all_gather(pieces)
+            return [member[group.index] for member in gathered]
+        if dist.get_backend(group.process_group) != "nccl":  # gloo's all-to-all needs equal shapes
+            return [member[group.index] for member in _gather_through_dist(pieces, group)]
+        shapes = [member[0] for member in _gather_through_dist([], group, [p.shape for p in pieces])]
+        received = [torch.empty(shape[group.index], dtype=mine.dtype, device=mine.device) for shape in shapes]
+        dist.all_to_all(received, [p.contiguous() for p in pieces], group=group.process_group)
+        return received
+
+
+def _gather_through_dist(tensors: list[torch.Tensor], group: _Group, shapes: list | None = None) -> list:
+    """The collective library's uneven all-gather: shapes first (one small all-gather), then the
+    flattened payloads padded to the longest. With `shapes` given, gathers only those."""
+    device = _current().device
+    header = [len(shapes if shapes is not None else tensors)]
+    for shape in shapes if shapes is not None else [t.shape for t in tensors]:
+        header += [len(shape), *shape]
+    if len(header) > _MAX_HEADER:
+        raise ValueError(f"too many dimensions for one exchange ({len(header)} header values)")
+    padded_header = torch.zeros(_MAX_HEADER, dtype=torch.int64, device=device)
+    padded_header[: len(header)] = torch.tensor(header)
+    headers = [torch.empty_like(padded_header) for _ in range(group.size)]
+    dist.all_gather(headers, padded_header, group=group.process_group)
+    member_shapes = [_shapes_of(h.tolist()) for h in headers]
+    if shapes is not None:
+        return [[s] for s in member_shapes]
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype, device=device)
+    longest = max(sum(math.prod(s) for s in member) for member in member_shapes)
+    buffers = [torch.empty(longest, dtype=dtype, device=device) for _ in range(group.size)]
+    dist.all_gather(buffers, torch.nn.functional.pad(flat, (0, longest - flat.numel())), group=group.process_group)
+    gathered = []
+    for member, (buffer, member_shape) in enumerate(zip(buffers, member_shapes)):
+        if member == group.index:
+            gathered.append(list(tensors))
+            continue
+        offset, unpacked = 0, []
+        for shape in member_shape:
+            count = math.prod(shape)
+            unpacked.append(buffer[offset : offset + count].view(shape))
+            offset += count
+        gathered.append(unpacked)
+    return gathered
+
+
+def _shapes_of(header: list[int]) -> list[tuple[int, ...]]:
+    shapes, position = [], 1
+    for _ in range(header[0]):
+        ndim = header[position]
+        shapes.append(tuple(header[position + 1 : position + 1 + ndim]))
+        position += 1 + ndim
+    return shapes
 
 
 @contextlib.contextmanager
@@ -105,11 +227,19 @@ def group_broken() -> bool:
     return _current().broken
 
 
-def all_reduce_counters() -> tuple[int, int]:
+def _count(name: str, nbytes: int) -> None:
     state = _current()
-    return state.all_reduce_calls, state.all_reduce_bytes
+    state.calls[name] += 1
+    state.bytes[name] += nbytes
 
 
-def reset_all_reduce_counters() -> None:
+def collective_counters() -> dict[str, tuple[int, int]]:
+    """collective -> (calls, bytes this rank sent) since the last reset, for the benchmarks."""
     state = _current()
-    state.all_reduce_calls = state.all_reduce_bytes = 0
+    return {name: (state.calls[name], state.bytes[name]) for name in state.calls}
+
+
+def reset_collective_counters() -> None:
+    state = _current()
+    state.calls.clear()
+    state.bytes.clear()

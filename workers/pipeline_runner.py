@@ -11,6 +11,7 @@ import diffusers
 import torch
 
 from configs import load_family
+from workers.cfg_parallel import CfgDispatcher
 from workers.messages import GenerationBatch, GenerationResult, WorkerSpec
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -39,8 +40,9 @@ class NonFiniteLatents(RuntimeError):
 class PipelineRunner:
     """Runs batches through one loaded pipeline, passing only arguments its __call__ accepts."""
 
-    def __init__(self, pipeline: diffusers.DiffusionPipeline):
+    def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None):
         self.pipeline = pipeline
+        self.dispatcher = dispatcher
         self._accepted = set(inspect.signature(pipeline.__call__).parameters)
 
     def call_arguments(self, batch: GenerationBatch) -> dict[str, Any]:
@@ -70,6 +72,8 @@ class PipelineRunner:
 
         def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
             step_ends.append(time.perf_counter())
+            if self.dispatcher is not None:
+                self.dispatcher.check_settled()
             latents = tensors.get("latents")
             if latents is not None and not torch.isfinite(latents).all():
                 raise NonFiniteLatents(
@@ -80,6 +84,8 @@ class PipelineRunner:
             return tensors
 
         arguments = self.call_arguments(batch)
+        if self.dispatcher is not None:
+            self.dispatcher.begin(batch.requests[0])
         if "callback_on_step_end" in self._accepted:
             arguments["callback_on_step_end"] = after_step
         images = list(self.pipeline(**arguments, output_type="pil").images)

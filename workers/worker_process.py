@@ -24,6 +24,7 @@ import transformers
 
 from configs import load_family
 from workers import forward_broadcast, parallel_state
+from workers.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
 from workers.messages import (
     FailureKind,
     GenerationBatch,
@@ -48,14 +49,17 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     _take_signals_from_the_engine()
     try:
         _configure_device(rank, spec)
-        parallel_state.initialize(rank, spec.world_size, spec.device_type, spec.master_port)
+        parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port)
+        family = load_family(spec.family_name)
         shards, shard_load_s = _load_shards(rank, spec)
+        executor = DitExecutor(shards["transformer"], family.sequence_parallel)
         components = shards
         if rank == 0:
-            if spec.world_size > 1:
-                for name, module in shards.items():
+            for name, module in shards.items():
+                if name != "transformer" and spec.world_size > 1 and isinstance(module, torch.nn.Module):
                     forward_broadcast.install_driver_hook(name, module)
-            runner = PipelineRunner(load_pipeline(spec, **shards))
+            dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
+            runner = PipelineRunner(load_pipeline(spec, **shards), dispatcher)
             components = runner.pipeline.components
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
@@ -68,24 +72,29 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
             forward_broadcast.ring(channels.doorbells)
             forward_broadcast.send(forward_broadcast.STOP)
     else:
-        forward_broadcast.follow(shards, channels.doorbells[rank - 1], _parent_alive)
+        text_encoders = {name: module for name, module in shards.items() if name != "transformer"}
+        handlers = follower_handlers("transformer", executor, text_encoders)
+        forward_broadcast.follow(handlers, channels.doorbells[rank - 1], _parent_alive)
     parallel_state.shutdown()
 
 
 def _load_shards(rank: int, spec: WorkerSpec) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-    """This rank's DiT shard and, at world size > 1, its text-encoder shards (at world size 1
-    diffusers loads the text encoders itself). With dummy weights rank 0 also builds the other
-    models of the pipeline (the VAE) at random."""
+    """This rank's DiT shard and, on the driver's TP group (the only ranks that run them) at
+    tensor-parallel size > 1, its text-encoder shards (otherwise diffusers loads the text encoders
+    on the driver). With dummy weights rank 0 also builds the other models of the pipeline (the
+    VAE, whole text encoders) at random."""
     dummy = spec.load_format == "dummy"
     components = sharded_components(load_family(spec.family_name), spec.model_path)
-    if spec.world_size == 1 and not dummy:
+    tp_rank, tp_size = parallel_state.rank_in("tp"), parallel_state.size_of("tp")
+    in_driver_group = parallel_state.rank_in("cfg") == 0 and parallel_state.rank_in("ulysses") == 0
+    if not in_driver_group or (tp_size == 1 and not dummy):
         components = components[:1]
     device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
     shards, seconds = {}, {}
     for component in components:
         started = time.perf_counter()
         shards[component.name] = load_component_shard(
-            component, spec.model_path / component.name, rank, spec.world_size, device, dtype, dummy)
+            component, spec.model_path / component.name, tp_rank, tp_size, device, dtype, dummy)
         seconds[component.name] = time.perf_counter() - started
     if dummy and rank == 0:
         shards.update(random_unsharded_models(spec.model_path, set(shards), device, dtype))

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from engine.worker_group import free_port
 from tests.helpers import run_ranks
-from workers import forward_broadcast, parallel_state
+from workers import RankLayout, forward_broadcast, parallel_state
 
 
 def sent_tree() -> tuple:
@@ -29,7 +29,7 @@ def sent_tree() -> tuple:
 
 
 def exchange(rank: int, port: int, results) -> None:
-    parallel_state.initialize(rank, 2, "cpu", port)
+    parallel_state.initialize(rank, RankLayout(tensor_parallel_size=2), "cpu", port)
     if rank == 0:
         forward_broadcast.send(forward_broadcast.FORWARD, sent_tree())
         forward_broadcast.send(forward_broadcast.STOP)
@@ -82,22 +82,24 @@ class Doubler(torch.nn.Module):
 
 
 def slow_driver_and_follower(rank: int, world_size: int, port: int, doorbells, results) -> None:
-    parallel_state.initialize(rank, world_size, "cpu", port, collective_timeout_s=1.0)
+    parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port,
+                              collective_timeout_s=1.0)
     if rank == 0:
         time.sleep(4.0)  # a rank-0 load four times longer than any collective may wait
         forward_broadcast.ring(doorbells)
-        forward_broadcast.send(forward_broadcast.FORWARD, ("double", (torch.ones(3),), {}))
+        forward_broadcast.send(forward_broadcast.FORWARD, ("double", [((torch.ones(3),), {})], False))
         forward_broadcast.send(forward_broadcast.IDLE)
         time.sleep(2.0)  # idle between batches, again longer than the collective timeout
         forward_broadcast.ring(doorbells)
-        forward_broadcast.send(forward_broadcast.FORWARD, ("double", (torch.ones(2),), {}))
+        forward_broadcast.send(forward_broadcast.FORWARD, ("double", [((torch.ones(2),), {})], False))
         forward_broadcast.send(forward_broadcast.IDLE)
         forward_broadcast.ring(doorbells)
         forward_broadcast.send(forward_broadcast.STOP)
         results.put((rank, []))
     else:
         module = Doubler()
-        forward_broadcast.follow({"double": module}, doorbells[rank - 1], lambda: True)
+        handlers = {"double": lambda calls, exchange: module(*calls[0][0], **calls[0][1])}
+        forward_broadcast.follow(handlers, doorbells[rank - 1], lambda: True)
         results.put((rank, module.sums))
     parallel_state.shutdown()
 

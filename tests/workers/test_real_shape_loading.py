@@ -14,7 +14,7 @@ import transformers
 
 from configs import load_family, load_published_models
 from tests.helpers import run_ranks
-from workers import parallel_state
+from workers import RankLayout, parallel_state
 from workers.sharded_loading import ShardedComponent, load_component_shard, sharded_components
 
 SHORTENED = {  # every width, head count and table as published
@@ -68,7 +68,7 @@ def output(name: str, result) -> torch.Tensor:
 
 def load_and_run(rank: int, world_size: int, port: int, root, results) -> None:
     torch.set_num_threads(1)
-    parallel_state.initialize(rank, world_size, "cpu", port)
+    parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port)
     outputs, held = {}, {}
     for component in components(root):
         shard = load_component_shard(component, root / component.name, rank, world_size, torch.device("cpu"),

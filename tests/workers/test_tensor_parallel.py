@@ -87,10 +87,10 @@ def test_gqa_heads_split_by_kv_head_and_kv_heads_are_shared_when_ranks_outnumber
 
 
 def test_an_impossible_text_encoder_split_names_the_module_the_dimension_and_what_works(tiny_dir):
-    from engine.parallel_config import check_tensor_parallel_size
+    from engine.parallel_config import DiffusionParallelConfig, check_split
 
     with pytest.raises(ValueError) as error:
-        check_tensor_parallel_size(resolve_model("tiny/qwen-image"), 3)
+        check_split(resolve_model("tiny/qwen-image"), DiffusionParallelConfig(tensor_parallel_size=3))
     assert str(error.value) == (
         "text_encoder (Qwen2_5_VLForConditionalGeneration): cannot split text_config.num_attention_heads: 4 query "
         "heads over 2 KV heads at tensor_parallel_size=3; tensor-parallel sizes that work: 1, 2, 4")

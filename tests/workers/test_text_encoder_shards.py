@@ -9,7 +9,7 @@ import transformers
 from configs import load_family
 from engine.tiny_models import cached_tiny_model
 from tests.helpers import run_ranks
-from workers import parallel_state
+from workers import RankLayout, parallel_state
 from workers.sharded_loading import sharded_components
 
 ENCODERS = [("z-image", "text_encoder"), ("qwen-image", "text_encoder"), ("flux", "text_encoder"),
@@ -33,7 +33,7 @@ def shard_and_embed(rank: int, world_size: int, port: int, results) -> None:
     from workers.sharded_loading import load_component_shard
 
     torch.set_num_threads(1)
-    parallel_state.initialize(rank, world_size, "cpu", port)
+    parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port)
     outputs = []
     for family, name in ENCODERS:
         path, part = component(family, name)
