@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import re
@@ -80,7 +81,13 @@ FLUX_TRUE_CFG = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
 
 
 def reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
-    """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API."""
+    """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API
+    (computed once per test process: many layouts compare against the same image)."""
+    return _reference_image(path, family, height, width).copy()
+
+
+@functools.cache
+def _reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
     pipeline = load_plain_pipeline(path)
     arguments = dict(
         prompt=REFERENCE_PROMPT, height=height, width=width, num_inference_steps=REFERENCE_STEPS,

@@ -36,14 +36,18 @@ def test_memory_command_works_offline_for_a_published_id():
     assert len(lines) == 2 + 8 and lines[2].split()[1:3] == ["4.76", "GiB"]  # rank 0's DiT shard
 
 
-def test_dummy_weights_serve_at_tp2_and_load_what_the_report_says():
-    with Omni(model="tiny/z-image", parallel_config=DiffusionParallelConfig(tensor_parallel_size=2),
-              load_format="dummy") as omni:
+def test_dummy_weights_serve_at_tp2_x_cfg2_and_load_what_the_report_says():
+    """Four ranks: the DiT shard on every rank, text encoders on the driver's TP group, VAE on rank 0."""
+    parallel = DiffusionParallelConfig(tensor_parallel_size=2, cfg_parallel_size=2)
+    with Omni(model="tiny/z-image", parallel_config=parallel, load_format="dummy") as omni:
         image = omni.generate("a cat", OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=96))[0]
         loaded = omni.rank_parameter_bytes()
     assert image.images[0].size == (96, 64)
-    report = memory_report(resolve_model("tiny/z-image"), 2, torch.float32)
+    report = memory_report(resolve_model("tiny/z-image"), parallel.layout, torch.float32)
+    assert len(loaded) == len(report) == 4
     for held, expected in zip(loaded, report):
         assert held["transformer"] == expected.dit
-        assert held["text_encoder"] == expected.text_encoders
+        assert held.get("text_encoder", 0) == expected.text_encoders
         assert held.get("vae", 0) == expected.vae
+    assert [r.text_encoders > 0 for r in report] == [True, True, False, False]
+    assert report[0].dit == report[2].dit and report[1].dit == report[3].dit

@@ -94,24 +94,32 @@ def test_a_client_disconnect_frees_the_worker_within_a_step(narrow_server: Serve
 
 
 @pytest.fixture(scope="module")
-def tp2_server(tmp_path_factory):
-    yield from served(tmp_path_factory, "tp2", "tiny/z-image", "--tensor-parallel-size", "2")
+def hybrid_server(tmp_path_factory):
+    """Four ranks: TP=2 inside each of two Ulysses ranks, every rank busy at every step."""
+    yield from served(tmp_path_factory, "hybrid", "tiny/z-image", "--tensor-parallel-size", "2", "--usp", "2")
+
+
+def test_the_layout_is_on_metrics_and_in_the_ready_line(hybrid_server: ServerProcess):
+    assert [hybrid_server.metric(f'ditserve_parallel_size{{axis="{axis}"}}') for axis in ("tp", "ulysses", "cfg")] \
+        == [2, 2, 1]
+    assert "tensor_parallel_size=2 x ulysses_degree=2 (4 ranks)" in hybrid_server.log()
 
 
 @pytest.mark.parametrize("victim", ["follower", "driver"])
-def test_a_killed_rank_fails_in_flight_work_promptly_then_the_group_restarts(tp2_server: ServerProcess, victim):
-    pids = tp2_server.rank_pids()
-    restarts_before = tp2_server.metric("ditserve_worker_restarts_total")
+def test_a_killed_rank_fails_in_flight_work_promptly_then_the_group_restarts(hybrid_server: ServerProcess, victim):
+    pids = hybrid_server.rank_pids()
+    assert len(pids) == 4
+    restarts_before = hybrid_server.metric("ditserve_worker_restarts_total")
     outcome = {}
 
     def long_request():
-        outcome["response"] = generate(tp2_server, **LONG)
+        outcome["response"] = generate(hybrid_server, **LONG)
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    tp2_server.wait_until_running()
+    hybrid_server.wait_until_running()
     killed_at = time.perf_counter()
-    os.kill(pids[1] if victim == "follower" else pids[0], signal.SIGKILL)
+    os.kill(pids[-1] if victim == "follower" else pids[0], signal.SIGKILL)  # the follower on the other axes
     thread.join(timeout=120)
     assert not thread.is_alive()
     failed_after = time.perf_counter() - killed_at
@@ -119,24 +127,24 @@ def test_a_killed_rank_fails_in_flight_work_promptly_then_the_group_restarts(tp2
     assert response.status_code == 503 and response.json()["error"]["code"] == "worker_died"
     assert response.headers["x-should-retry"] == "true"
     assert failed_after < STOP_BOUND_S
-    wait_healthy(tp2_server)
-    assert tp2_server.metric("ditserve_worker_restarts_total") == restarts_before + 1
+    wait_healthy(hybrid_server)
+    assert hybrid_server.metric("ditserve_worker_restarts_total") == restarts_before + 1
     assert not any(alive(pid) for pid in pids)
-    assert generate(tp2_server).status_code == 200
+    assert generate(hybrid_server).status_code == 200
 
 
-def test_sigterm_finishes_admitted_work_then_exits_zero_with_no_orphans(tp2_server: ServerProcess):
-    pids = tp2_server.rank_pids()
+def test_sigterm_finishes_admitted_work_then_exits_zero_with_no_orphans(hybrid_server: ServerProcess):
+    pids = hybrid_server.rank_pids()
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("r", generate(
-        tp2_server, num_inference_steps=30, size="128x128")))
+        hybrid_server, num_inference_steps=30, size="128x128")))
     thread.start()
-    tp2_server.wait_until_running()
-    tp2_server.process.send_signal(signal.SIGTERM)
+    hybrid_server.wait_until_running()
+    hybrid_server.process.send_signal(signal.SIGTERM)
     thread.join(timeout=120)
     assert outcome["r"].status_code == 200 and pixels(outcome["r"]).shape == (128, 128, 3)
-    assert tp2_server.process.wait(timeout=60) == 0
+    assert hybrid_server.process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
-        generate(tp2_server)
+        generate(hybrid_server)
     assert not any(alive(pid) for pid in pids)
-    assert "leaked" not in tp2_server.log()
+    assert "leaked" not in hybrid_server.log()
