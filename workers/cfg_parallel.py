@@ -70,6 +70,12 @@ def _with_tensors(output: tuple, tensors: list[torch.Tensor]) -> tuple:
     return (list(tensors) if isinstance(output[0], list) else tensors[0], *output[1:])
 
 
+def calls_dit_twice_per_step(plan: CfgParallelPlan, request: GenerationRequest) -> bool:
+    """The pipelines' own rule for true CFG (diffusers' `do_true_cfg`)."""
+    return (plan.branches == "separate_calls" and (request.sampling.true_cfg_scale or 0) > 1
+            and request.negative_prompt is not None)
+
+
 class CfgDispatcher:
     """The driver's DiT forward: decides how each call the pipeline makes is spread over the groups."""
 
@@ -79,16 +85,10 @@ class CfgDispatcher:
         self._pending: tuple[Call, torch.Tensor] | None = None
         self._told_single = False
 
-    def begin(self, request: GenerationRequest) -> None:
+    def begin(self, pairs: bool) -> None:
         """Before each pipeline call: does it call the DiT twice per step (cond, uncond)?"""
         self._pending = None
-        self._pairs = (self.plan.branches == "separate_calls" and (request.sampling.true_cfg_scale or 0) > 1
-                       and request.negative_prompt is not None)
-        if parallel_state.size_of("cfg") > 1 and not self._pairs and not self._told_single \
-                and self.plan.branches == "separate_calls":
-            self._told_single = True
-            logger.info("a request without true CFG (true_cfg_scale <= 1 or no negative prompt) has one DiT branch: "
-                        "it runs on CFG group 0 while group 1 waits (logged once)")
+        self._pairs = pairs
 
     def check_settled(self) -> None:
         """After each step: a cond call whose uncond never came would leave a promise unread-but-used."""
@@ -103,6 +103,13 @@ class CfgDispatcher:
             return self._pair(args, kwargs)
         if self.plan.branches == "batched":
             return self._rows(args, kwargs)
+        return self._on_group_zero(args, kwargs)
+
+    def _on_group_zero(self, args: tuple, kwargs: dict) -> Any:
+        if not self._told_single:
+            self._told_single = True
+            logger.info("a DiT call with one guidance branch (no true CFG, guidance off, one image) runs on CFG "
+                        "group 0 while group 1 waits (logged once)")
         return self._run([(args, kwargs)], exchange=False)[0]
 
     def _pair(self, args: tuple, kwargs: dict) -> Any:
@@ -125,7 +132,7 @@ class CfgDispatcher:
         batched = [name for name in self.plan.batch_arguments if bound.arguments.get(name) is not None]
         rows = len(bound.arguments[batched[0]])
         if rows < 2:
-            return self._run([(args, kwargs)], exchange=False)[0]
+            return self._on_group_zero(args, kwargs)
         counts = sequence_parallel.shares(rows, 2)
         calls = []
         for start, count in ((0, counts[0]), (counts[0], counts[1])):

@@ -58,6 +58,7 @@ def _fill_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
 
 def _broadcast_tensor(tensor: torch.Tensor) -> None:
     # gloo has no bool all-reduce/broadcast: move bools as bytes.
+    parallel_state.count("broadcast", tensor.numel() * tensor.element_size())
     with parallel_state.collective():
         dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
 

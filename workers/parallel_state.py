@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from workers.messages import RankLayout
-from workers.shm_exchange import SharedMemoryGroup
+from workers.shm_exchange import SharedMemoryGroup, shape_header, shapes_from_header
 
 # Within a batch followers wait in a broadcast while the driver runs the VAE or the scheduler;
 # between batches and during loading they wait outside any collective (forward_broadcast's
@@ -128,7 +128,7 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     group = _current().groups["tp"]
     if group.size == 1:
         return tensor
-    _count("all_reduce", tensor.numel() * tensor.element_size())
+    count("all_reduce", tensor.numel() * tensor.element_size())
     with collective():
         if group.shared_memory is not None:
             group.shared_memory.all_reduce(tensor)
@@ -142,7 +142,7 @@ def all_gather(tensors: list[torch.Tensor], axis: str) -> list[list[torch.Tensor
     group = _current().groups[axis]
     if group.size == 1:
         return [list(tensors)]
-    _count(f"{axis}_all_gather", sum(t.numel() * t.element_size() for t in tensors))
+    count(f"{axis}_all_gather", sum(t.numel() * t.element_size() for t in tensors))
     with collective():
         if group.shared_memory is not None:
             return group.shared_memory.all_gather(tensors)
@@ -155,11 +155,10 @@ def all_to_all(pieces: list[torch.Tensor], axis: str) -> list[torch.Tensor]:
     if group.size == 1:
         return list(pieces)
     mine = pieces[group.index]
-    _count(f"{axis}_all_to_all", sum(p.numel() * p.element_size() for p in pieces) - mine.numel() * mine.element_size())
+    count(f"{axis}_all_to_all", sum(p.numel() * p.element_size() for p in pieces) - mine.numel() * mine.element_size())
     with collective():
         if group.shared_memory is not None:
-            gathered = group.shared_memory.all_gather(pieces)
-            return [member[group.index] for member in gathered]
+            return group.shared_memory.all_to_all(pieces)
         if dist.get_backend(group.process_group) != "nccl":  # gloo's all-to-all needs equal shapes
             return [member[group.index] for member in _gather_through_dist(pieces, group)]
         shapes = [member[0] for member in _gather_through_dist([], group, [p.shape for p in pieces])]
@@ -172,16 +171,14 @@ def _gather_through_dist(tensors: list[torch.Tensor], group: _Group, shapes: lis
     """The collective library's uneven all-gather: shapes first (one small all-gather), then the
     flattened payloads padded to the longest. With `shapes` given, gathers only those."""
     device = _current().device
-    header = [len(shapes if shapes is not None else tensors)]
-    for shape in shapes if shapes is not None else [t.shape for t in tensors]:
-        header += [len(shape), *shape]
+    header = shape_header(shapes if shapes is not None else [t.shape for t in tensors])
     if len(header) > _MAX_HEADER:
         raise ValueError(f"too many dimensions for one exchange ({len(header)} header values)")
     padded_header = torch.zeros(_MAX_HEADER, dtype=torch.int64, device=device)
     padded_header[: len(header)] = torch.tensor(header)
     headers = [torch.empty_like(padded_header) for _ in range(group.size)]
     dist.all_gather(headers, padded_header, group=group.process_group)
-    member_shapes = [_shapes_of(h.tolist()) for h in headers]
+    member_shapes = [shapes_from_header(h.tolist()) for h in headers]
     if shapes is not None:
         return [[s] for s in member_shapes]
     dtype = tensors[0].dtype
@@ -203,15 +200,6 @@ def _gather_through_dist(tensors: list[torch.Tensor], group: _Group, shapes: lis
     return gathered
 
 
-def _shapes_of(header: list[int]) -> list[tuple[int, ...]]:
-    shapes, position = [], 1
-    for _ in range(header[0]):
-        ndim = header[position]
-        shapes.append(tuple(header[position + 1 : position + 1 + ndim]))
-        position += 1 + ndim
-    return shapes
-
-
 @contextlib.contextmanager
 def collective() -> Iterator[None]:
     """Wrap every collective: one that fails (a peer died, a timeout) breaks the whole group."""
@@ -227,7 +215,8 @@ def group_broken() -> bool:
     return _current().broken
 
 
-def _count(name: str, nbytes: int) -> None:
+def count(name: str, nbytes: int) -> None:
+    """Record one collective call and the bytes this rank sent (collective_counters)."""
     state = _current()
     state.calls[name] += 1
     state.bytes[name] += nbytes

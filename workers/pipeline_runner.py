@@ -11,7 +11,7 @@ import diffusers
 import torch
 
 from configs import load_family
-from workers.cfg_parallel import CfgDispatcher
+from workers.cfg_parallel import CfgDispatcher, calls_dit_twice_per_step
 from workers.messages import GenerationBatch, GenerationResult, WorkerSpec
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -85,7 +85,7 @@ class PipelineRunner:
 
         arguments = self.call_arguments(batch)
         if self.dispatcher is not None:
-            self.dispatcher.begin(batch.requests[0])
+            self.dispatcher.begin(calls_dit_twice_per_step(self.dispatcher.plan, batch.requests[0]))
         if "callback_on_step_end" in self._accepted:
             arguments["callback_on_step_end"] = after_step
         images = list(self.pipeline(**arguments, output_type="pil").images)

@@ -8,9 +8,11 @@ into (my heads, all tokens) for q, k and v, and one turns the output back.
 
 Attention is caught at `torch.nn.functional.scaled_dot_product_attention` through a
 TorchFunctionMode, the one call every family's processors end in (diffusers' native backend and
-SD3's processor alike), so no processor is rewritten. The gathered sequence is the ranks' slices
-in rank order, not the model's order; attention is invariant to the order of keys and equivariant
-in queries, and a key mask is gathered in the same order, so the result is the same.
+SD3's processor alike), so no processor is rewritten. The mode is active only inside the DiT's
+attention modules (those with a `processor`), so the rest of the forward pays nothing for it.
+The gathered sequence is the ranks' slices in rank order, not the model's order; attention is
+invariant to the order of keys and equivariant in queries, and a key mask is gathered in the same
+order, so the result is the same.
 
 Uneven splits are allowed everywhere: tokens (even_partition; a rank may hold none) and heads
 (30 heads over 4 ranks: 8/8/7/7).
@@ -142,6 +144,20 @@ def install(dit: nn.Module, plan: SequenceParallelPlan) -> Callable[..., Any]:
         for module in _modules(dit, path):
             module.register_forward_hook(
                 lambda module, args, output, dim=dim: gather_tokens(output, dim) if active[0] else None)
+    for module in dit.modules():
+        if hasattr(module, "processor"):
+            mode = UlyssesAttention()
+
+            def enter(module, args, mode=mode) -> None:
+                if active[0]:
+                    mode.__enter__()
+
+            def leave(module, args, output, mode=mode) -> None:
+                if active[0]:
+                    mode.__exit__(None, None, None)
+
+            module.register_forward_pre_hook(enter)
+            module.register_forward_hook(leave, always_call=True)
     root_dims = plan.split_inputs.get("", {})
 
     def run(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -149,8 +165,7 @@ def install(dit: nn.Module, plan: SequenceParallelPlan) -> Callable[..., Any]:
             args, kwargs = _split_arguments(inspect.signature(forward), args, kwargs, root_dims)
         active[0] = True
         try:
-            with UlyssesAttention():
-                return forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         finally:
             active[0] = False
 

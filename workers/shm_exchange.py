@@ -55,22 +55,12 @@ class SharedMemoryGroup:
     def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Every member's `tensors` (one dtype per call, any shapes, any count), in member order.
         This member's own entry is its input, not a copy."""
-        dtype = tensors[0].dtype if tensors else torch.float32
-        payload = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]) if tensors else torch.empty(
-            0, dtype=torch.uint8)
-        header = [_DTYPES.index(dtype), len(tensors)]
-        for tensor in tensors:
-            header += [tensor.dim(), *tensor.shape]
-        if len(header) > _HEADER_INTS:
-            raise ValueError(f"too many tensors for one shared-memory exchange ({len(tensors)})")
-        headers, received = self._rounds(payload, header)
-        gathered = []
-        for member, (member_header, data) in enumerate(zip(headers, received)):
-            if member == self.index:
-                gathered.append(list(tensors))
-                continue
-            gathered.append(_unpack(member_header, data))
-        return gathered
+        return self._exchange(tensors, lambda member, count: range(count))
+
+    def all_to_all(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """pieces[j] goes to member j; what each member addressed to this one, in member order.
+        Only those pieces are read."""
+        return [entry[0] for entry in self._exchange(pieces, lambda member, count: [self.index])]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place; the same bits on every member."""
@@ -81,29 +71,54 @@ class SharedMemoryGroup:
         tensor.copy_(total)
         return tensor
 
-    def _rounds(self, payload: torch.Tensor, header: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
-        slots = self._arrive(payload[:_DATA_BYTES], header)
+    def _exchange(self, tensors: list[torch.Tensor], wanted) -> list[list[torch.Tensor]]:
+        """Write `tensors` (straight into the slot, in rounds), read from every other member the
+        ones `wanted(member, its tensor count)` names; this member's own are returned as given."""
+        dtype = tensors[0].dtype if tensors else torch.float32
+        header = [_DTYPES.index(dtype), *shape_header([t.shape for t in tensors])]
+        if len(header) > _HEADER_INTS:
+            raise ValueError(f"too many tensors for one shared-memory exchange ({len(tensors)})")
+        mine = [t.reshape(-1).view(torch.uint8) for t in tensors]
+        slots = self._arrive(mine, 0, header)
         headers = [slots[m, :_HEADER_BYTES].view(torch.int64).tolist() for m in range(self.size)]
-        totals = [_payload_bytes(h) for h in headers]
-        received = [torch.empty(total, dtype=torch.uint8) if m != self.index else payload
-                    for m, total in enumerate(totals)]
-        for round_index in range(max(1, math.ceil(max(totals) / _DATA_BYTES))):
-            start = round_index * _DATA_BYTES
+        outputs, reads = [], []  # per member: its wanted tensors; (member, byte range, destination bytes)
+        for member, member_header in enumerate(headers):
+            shapes, member_dtype = _shapes(member_header), _DTYPES[member_header[0]]
+            if member == self.index:
+                outputs.append([tensors[i] for i in wanted(member, len(tensors))])
+                continue
+            offsets = _byte_offsets(shapes, member_dtype)
+            received = []
+            for index in wanted(member, len(shapes)):
+                tensor = torch.empty(shapes[index], dtype=member_dtype)
+                received.append(tensor)
+                reads.append((member, offsets[index], offsets[index + 1], tensor.view(-1).view(torch.uint8)))
+            outputs.append(received)
+        rounds = max(1, math.ceil(max(_byte_offsets(_shapes(h), _DTYPES[h[0]])[-1] for h in headers) / _DATA_BYTES))
+        for round_index in range(rounds):
+            window = round_index * _DATA_BYTES
             if round_index:
-                slots = self._arrive(payload[start : start + _DATA_BYTES], None)
-            for member, total in enumerate(totals):
-                if member != self.index and total > start:
-                    count = min(_DATA_BYTES, total - start)
-                    received[member][start : start + count].copy_(slots[member, _HEADER_BYTES : _HEADER_BYTES + count])
-        return headers, received
+                slots = self._arrive(mine, window, None)
+            for member, first, last, destination in reads:
+                a, b = max(first, window), min(last, window + _DATA_BYTES)
+                if a < b:
+                    destination[a - first : b - first].copy_(slots[member, _HEADER_BYTES + a - window :
+                                                                    _HEADER_BYTES + b - window])
+        return outputs
 
-    def _arrive(self, chunk: torch.Tensor, header: list[int] | None) -> torch.Tensor:
+    def _arrive(self, payload: list[torch.Tensor], window: int, header: list[int] | None) -> torch.Tensor:
+        """Write the bytes [window, window + a slot) of the concatenated `payload`, then wait for all."""
         self._sequence += 1
         slots = self._slots[self._sequence % 2]
         mine = slots[self.index]
         if header is not None:
             mine[:_HEADER_BYTES].view(torch.int64)[: len(header)] = torch.tensor(header, dtype=torch.int64)
-        mine[_HEADER_BYTES : _HEADER_BYTES + chunk.numel()].copy_(chunk)
+        offset = 0
+        for piece in payload:
+            a, b = max(offset, window), min(offset + piece.numel(), window + _DATA_BYTES)
+            if a < b:
+                mine[_HEADER_BYTES + a - window : _HEADER_BYTES + b - window].copy_(piece[a - offset : b - offset])
+            offset += piece.numel()
         self._arrived[self.index] = self._sequence
         self._wait_for_all()
         return slots
@@ -118,26 +133,30 @@ class SharedMemoryGroup:
                     raise TimeoutError(f"shared-memory exchange: ranks did not arrive within {self.timeout_s:.0f} s")
 
 
-def _shapes(header: list[int]) -> list[tuple[int, ...]]:
-    shapes, position = [], 2
-    for _ in range(header[1]):
+def shape_header(shapes: list) -> list[int]:
+    """Shapes as integers: [count, ndim, dims..., ndim, dims...] (read back by `shapes_from_header`)."""
+    header = [len(shapes)]
+    for shape in shapes:
+        header += [len(shape), *shape]
+    return header
+
+
+def shapes_from_header(header: list[int]) -> list[tuple[int, ...]]:
+    shapes, position = [], 1
+    for _ in range(header[0]):
         ndim = header[position]
         shapes.append(tuple(header[position + 1 : position + 1 + ndim]))
         position += 1 + ndim
     return shapes
 
 
-def _payload_bytes(header: list[int]) -> int:
-    itemsize = torch.empty(0, dtype=_DTYPES[header[0]]).element_size()
-    return sum(math.prod(shape) for shape in _shapes(header)) * itemsize
+def _shapes(header: list[int]) -> list[tuple[int, ...]]:
+    return shapes_from_header(header[1:])  # after the dtype
 
 
-def _unpack(header: list[int], data: torch.Tensor) -> list[torch.Tensor]:
-    dtype = _DTYPES[header[0]]
-    values = data.view(dtype)
-    tensors, offset = [], 0
-    for shape in _shapes(header):
-        count = math.prod(shape)
-        tensors.append(values[offset : offset + count].view(shape))
-        offset += count
-    return tensors
+def _byte_offsets(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[int]:
+    """Where each tensor starts in a member's payload, and (last) where the payload ends."""
+    offsets = [0]
+    for shape in shapes:
+        offsets.append(offsets[-1] + math.prod(shape) * dtype.itemsize)
+    return offsets

@@ -1,0 +1,152 @@
+"""Seconds per denoising step under each parallel layout on CPU, printed as two tables.
+
+Medium DiTs with random weights are written to a temporary diffusers folder; each layout starts
+its ranks the way workers do (sharded safetensors reads, the driver's CFG dispatcher, followers on
+their doorbells, Ulysses hooks, shared-memory collectives) and times the DiT calls of one step:
+
+- a Qwen-Image-shaped DiT (dim 768, 12 heads, 8 blocks) with true CFG: a cond call (64 text
+  tokens) then an uncond call (16 tokens), as QwenImagePipeline makes them, at 512x512;
+- a Z-Image-shaped DiT (dim 768, 12 heads) with one call per step (guidance 0), at 512x512.
+
+Collectives are counted on rank 0: calls per step and MiB it sent (all-reduce: TP; all-to-all and
+all-gather: Ulysses; cfg all-gather: the branches meeting; broadcast: the driver's inputs).
+
+    python benchmarks/parallel_modes.py [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.multiprocessing as mp
+
+from configs import load_family
+from engine.worker_group import free_port
+from workers import RankLayout, forward_broadcast, parallel_state
+from workers.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.sharded_loading import dit_component, load_component_shard
+
+IMAGE_SIDE = 512
+MEDIUM = {
+    "qwen-image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=8, attention_head_dim=64,
+                       num_attention_heads=12, joint_attention_dim=768, axes_dims_rope=[8, 28, 28]),
+    "z-image": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=768, n_layers=7,
+                    n_refiner_layers=2, n_heads=12, n_kv_heads=12, cap_feat_dim=768, axes_dims=[16, 24, 24],
+                    axes_lens=[1024, 512, 512]),
+}
+LAYOUTS = {
+    "qwen-image": [("TP=1, 1 thread", RankLayout(), 1), ("TP=1, 2 threads", RankLayout(), 2),
+                   ("TP=2", RankLayout(tensor_parallel_size=2), 1), ("CFG=2", RankLayout(cfg_parallel_size=2), 1),
+                   ("Ulysses=2", RankLayout(ulysses_degree=2), 1)],
+    "z-image": [("TP=1, 1 thread", RankLayout(), 1), ("TP=1, 2 threads", RankLayout(), 2),
+                ("TP=2", RankLayout(tensor_parallel_size=2), 1), ("Ulysses=2", RankLayout(ulysses_degree=2), 1)],
+}
+
+
+def write_medium_model(family: str, directory: Path) -> int:
+    torch.manual_seed(0)
+    model = getattr(diffusers, load_family(family).transformer_class)(**MEDIUM[family])
+    for name in ("x_pad_token", "cap_pad_token"):
+        if hasattr(model, name):
+            torch.nn.init.normal_(getattr(model, name), std=0.02)
+    model.save_pretrained(directory / family / "transformer")
+    return sum(p.numel() for p in model.parameters())
+
+
+def step_calls(family: str) -> list[tuple[tuple, dict]]:
+    """The DiT calls of one denoising step, with the pipeline's argument names."""
+    generator = torch.Generator().manual_seed(1)
+    side = IMAGE_SIDE // 16  # VAE /8, then patches of 2
+    if family == "z-image":
+        latents = [torch.randn(16, 1, IMAGE_SIDE // 8, IMAGE_SIDE // 8, generator=generator)]
+        captions = [torch.randn(64, MEDIUM[family]["cap_feat_dim"], generator=generator)]
+        return [((latents, torch.tensor([0.5]), captions), {"return_dict": False})]
+    latents = torch.randn(1, side * side, 64, generator=generator)
+    calls = []
+    for text_tokens in (64, 16):  # cond, then uncond (a short negative prompt)
+        calls.append(((), dict(
+            hidden_states=latents, timestep=torch.tensor([0.5]), guidance=None,
+            encoder_hidden_states=torch.randn(1, text_tokens, 768, generator=generator),
+            encoder_hidden_states_mask=torch.ones(1, text_tokens, dtype=torch.long),
+            img_shapes=[[(1, side, side)]], return_dict=False)))
+    return calls
+
+
+def run_rank(rank: int, family: str, layout: RankLayout, threads: int, directory: Path, port: int, steps: int,
+             doorbells, results) -> None:
+    torch.set_num_threads(threads)
+    parallel_state.initialize(rank, layout, "cpu", port)
+    config = load_family(family)
+    dit = load_component_shard(dit_component(config), directory / family / "transformer",
+                               parallel_state.rank_in("tp"), parallel_state.size_of("tp"), torch.device("cpu"),
+                               torch.float32)
+    executor = DitExecutor(dit, config.sequence_parallel)
+    if rank:
+        forward_broadcast.follow(follower_handlers("transformer", executor, {}), doorbells[rank - 1], lambda: True)
+        parallel_state.shutdown()
+        return
+    dispatcher = install_dispatcher("transformer", dit, executor, config.cfg_parallel)
+    calls = step_calls(family)
+    dispatcher.begin(pairs=len(calls) == 2)
+    forward_broadcast.ring(doorbells)
+    with torch.inference_mode():
+        for step in range(steps + 1):
+            if step == 1:  # the first step warms up
+                parallel_state.reset_collective_counters()
+                started = time.perf_counter()
+            outputs = [dit(*args, **kwargs) for args, kwargs in calls]
+            dispatcher.check_settled()
+    elapsed = (time.perf_counter() - started) / steps
+    counters = {name: (calls / steps, sent / steps) for name, (calls, sent) in
+                parallel_state.collective_counters().items()}
+    assert outputs
+    if layout.world_size > 1:
+        forward_broadcast.send(forward_broadcast.STOP)
+    results.put((elapsed, counters))
+    parallel_state.shutdown()
+
+
+def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int) -> tuple[float, dict]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    doorbells = [context.Queue() for _ in range(layout.world_size - 1)]
+    port = free_port()
+    processes = [context.Process(target=run_rank, args=(rank, family, layout, threads, directory, port, steps,
+                                                         doorbells, results))
+                 for rank in range(layout.world_size)]
+    for process in processes:
+        process.start()
+    outcome = results.get(timeout=1800)
+    for process in processes:
+        process.join()
+    return outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        directory = Path(folder)
+        for family, layouts in LAYOUTS.items():
+            parameters = write_medium_model(family, directory)
+            branches = "true CFG: 2 DiT calls/step" if family == "qwen-image" else "1 DiT call/step"
+            print(f"\n{family}-shaped DiT, {parameters / 1e6:.0f}M parameters, {IMAGE_SIDE}x{IMAGE_SIDE}, "
+                  f"{branches}, fp32, CPU, one thread per rank")
+            print(f"{'layout':<18}{'s/step':>8}{'speed-up':>10}  collectives per step (calls, MiB sent by rank 0)")
+            baseline = None
+            for label, layout, threads in layouts:
+                seconds, counters = measure(family, layout, threads, directory, args.steps)
+                baseline = baseline or seconds
+                traffic = ", ".join(f"{name} {calls:.0f} ({sent / 2**20:.1f})"
+                                    for name, (calls, sent) in sorted(counters.items())) or "-"
+                print(f"{label:<18}{seconds:>8.3f}{baseline / seconds:>9.2f}x  {traffic}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
