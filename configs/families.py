@@ -111,6 +111,17 @@ class CfgParallelPlan(_Strict):
     batch_arguments: list[str] = []
 
 
+class PreviewPlan(_Strict):
+    """How the pipeline turns latents into pixels, for partial-image previews: `packed` latents are
+    (batch, tokens, channels) and unpacked by the pipeline's `_unpack_latents`; `normalisation`
+    undoes the VAE's latent scaling (scaling_factor/shift_factor, or per-channel latents_mean/std);
+    `frames`: the VAE works on video (batch, channels, frames, height, width)."""
+
+    packed: bool = False
+    normalisation: Literal["scaling_shift", "mean_std"] = "scaling_shift"
+    frames: bool = False
+
+
 class TinyRecipe(_Strict):
     """Numbers of the built-in tiny variant: component configs and sampling overrides."""
 
@@ -133,6 +144,10 @@ class FamilyConfig(_Strict):
     tensor_parallel: TensorParallelPlan
     sequence_parallel: SequenceParallelPlan
     cfg_parallel: CfgParallelPlan
+    preview: PreviewPlan = PreviewPlan()
+    # Pipelines built from the loaded one (diffusers' from_pipe: the same weights) for edits of
+    # another kind: "image-to-image" (an image, no mask) and "inpaint" (an image and a mask).
+    edit_pipelines: dict[Literal["image-to-image", "inpaint"], str] = {}
     size: SizeLimits
     # The fewest denoising steps the family's published scheduler handles (fewer give NaN sigmas).
     min_inference_steps: int = 1

@@ -19,6 +19,7 @@ MAX_INFERENCE_STEPS = 200
 MAX_OUTPUTS_PER_PROMPT = 10
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 100.0
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound for streamed previews
 
 
 class SamplingValueError(ValueError):
@@ -44,6 +45,8 @@ class OmniDiffusionSamplingParams:
     seed: int | None = None
     num_outputs_per_prompt: int | None = None
     max_sequence_length: int | None = None
+    partial_images: int | None = None  # previews streamed while the image is made (0-3)
+    strength: float | None = None  # image-to-image and inpainting: how far from the input (0-1)
 
     def overridden_by(self, other: "OmniDiffusionSamplingParams") -> "OmniDiffusionSamplingParams":
         """These values with every field `other` sets replaced."""
@@ -52,6 +55,7 @@ class OmniDiffusionSamplingParams:
 
 # SamplingParams field -> the diffusers pipeline argument it becomes, where the names differ.
 _PIPELINE_ARGUMENT = {"num_outputs_per_prompt": "num_images_per_prompt"}
+_NOT_PIPELINE_ARGUMENTS = {"partial_images"}  # used by the runner around the pipeline call
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,14 @@ class SamplingParams:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
+    partial_images: int = 0
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         _check_range("num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        _check_range("partial_images", self.partial_images, 0, MAX_PARTIAL_IMAGES)
+        if self.strength is not None:
+            _check_range("strength", self.strength, 0, 1)
         _check_range("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS_PER_PROMPT)
         for name in ("guidance_scale", "true_cfg_scale"):
             if getattr(self, name) is not None:
@@ -84,8 +93,9 @@ class SamplingParams:
         for field in dataclasses.fields(cls):
             value = getattr(asked, field.name)
             values[field.name] = getattr(defaults, field.name) if value is None else value
-        if values["num_outputs_per_prompt"] is None:
-            values["num_outputs_per_prompt"] = 1
+        for name, unset in (("num_outputs_per_prompt", 1), ("partial_images", 0)):
+            if values[name] is None:
+                values[name] = unset
         if values["height"] is None:  # one side given and no default for the other: square
             values["height"] = values["width"]
         if values["width"] is None:
@@ -97,7 +107,7 @@ class SamplingParams:
         return {
             _PIPELINE_ARGUMENT.get(field.name, field.name): getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if getattr(self, field.name) is not None
+            if getattr(self, field.name) is not None and field.name not in _NOT_PIPELINE_ARGUMENTS
         }
 
 

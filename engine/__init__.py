@@ -15,7 +15,7 @@ from engine.errors import (
 )
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.omni import Omni
-from engine.outputs import OmniRequestOutput
+from engine.outputs import OmniRequestOutput, PartialImage
 from engine.parallel_config import DiffusionParallelConfig
 from engine.sampling import PromptInput
 
@@ -32,6 +32,7 @@ __all__ = [
     "Omni",
     "OmniDiffusionSamplingParams",
     "OmniRequestOutput",
+    "PartialImage",
     "PromptInput",
     "QueueFull",
     "RequestCancelled",

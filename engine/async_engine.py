@@ -24,11 +24,11 @@ from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
-from engine.outputs import OmniRequestOutput, output_from_result
+from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
-from workers import GenerationBatch, GenerationFailure, GenerationRequest, GenerationResult
+from workers import GenerationBatch, GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class _Pending:
     future: asyncio.Future
     submitted: float
     started: float | None = None
+    on_partial: Callable[[PartialImage], None] | None = None
 
 
 class AsyncEngine:
@@ -129,35 +130,48 @@ class AsyncEngine:
         return "the engine is stopped"
 
     # requests --------------------------------------------------------------------------------
-    async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
+    async def generate(self, prompt: PromptInput, params: OmniDiffusionSamplingParams,
+                       on_partial: Callable[[PartialImage], None] | None = None) -> OmniRequestOutput:
         """Raises the errors of engine.errors: InvalidRequestError, EngineNotReady, QueueFull,
-        RequestTimedOut, GenerationError, WorkerGroupDied.
+        RequestTimedOut, GenerationError, WorkerGroupDied. `on_partial` is called on the event loop
+        with each preview (params.partial_images of them per image).
 
         Cancelling the awaiting task (a client that went away) or the timeout stops the request at
         its next denoising step.
         """
+        return await self.result(self.admit(prompt, params, on_partial))
+
+    def admit(self, prompt: PromptInput, params: OmniDiffusionSamplingParams,
+              on_partial: Callable[[PartialImage], None] | None = None) -> _Pending:
+        """Validate and queue one request (raises at once what `generate` raises before running);
+        `result` waits for it. A streaming response admits first, so these errors are plain HTTP errors."""
         if not self.healthy:
             raise EngineNotReady(self.not_ready_reason())
         request = build_request(self.model, prompt, params)
         admitted = len(self._waiting) + len(self._running)
         if admitted >= self.config.max_queue_size:
             raise QueueFull(f"{admitted} requests are already admitted (max_queue_size={self.config.max_queue_size})")
-        pending = _Pending(request, self._loop.create_future(), time.perf_counter())
+        pending = _Pending(request, self._loop.create_future(), time.perf_counter(), on_partial=on_partial)
         self._waiting.append(pending)
         self._wake.set()
+        return pending
+
+    async def result(self, pending: _Pending) -> OmniRequestOutput:
         try:
             result = await asyncio.wait_for(pending.future, timeout=self.config.request_timeout_s)
         except asyncio.CancelledError:
-            self._cancel(pending)
+            self.cancel(pending)
             raise
         except asyncio.TimeoutError:
-            self._cancel(pending)
+            self.cancel(pending)
             raise RequestTimedOut(
                 f"the request did not finish within the request timeout ({self.config.request_timeout_s:g} s)"
             ) from None
+        request = pending.request
         return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
 
-    def _cancel(self, pending: _Pending) -> None:
+    def cancel(self, pending: _Pending) -> None:
+        """Stop an admitted request: dropped if still waiting, else stopped at its next step."""
         self.metrics.cancelled.inc()
         if pending in self._waiting:
             self._waiting.remove(pending)
@@ -190,7 +204,8 @@ class AsyncEngine:
         for pending in batch:
             pending.started = now
             self.metrics.queue_seconds.observe(now - pending.submitted)
-        futures = self._group.submit(GenerationBatch([p.request for p in batch]))
+        handlers = {p.request.request_id: self._partial_handler(p.on_partial) for p in batch if p.on_partial}
+        futures = self._group.submit(GenerationBatch([p.request for p in batch]), handlers)
         try:
             results = await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
         finally:
@@ -202,6 +217,13 @@ class AsyncEngine:
                 else:
                     pending.future.set_result(result)
         self._observe(results)
+
+    def _partial_handler(self, callback: Callable[[PartialImage], None]) -> Callable[[GenerationPartial], None]:
+        """From the group's reader thread onto the event loop."""
+        def forward(event: GenerationPartial) -> None:
+            partial = PartialImage(0, event.image_index, event.partial_index, event.image)
+            self._loop.call_soon_threadsafe(callback, partial)
+        return forward
 
     def _observe(self, results: list) -> None:
         done = [r for r in results if isinstance(r, GenerationResult)]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from configs import OmniDiffusionSamplingParams
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
-from engine.outputs import OmniRequestOutput, output_from_result
+from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
-from workers import GenerationBatch
+from workers import GenerationBatch, GenerationPartial, GenerationRequest
 
 
 class Omni:
@@ -42,8 +43,10 @@ class Omni:
         self,
         prompts: str | dict | list[str | dict],
         sampling_params: OmniDiffusionSamplingParams | None = None,
+        on_partial: Callable[[PartialImage], None] | None = None,
     ) -> list[OmniRequestOutput]:
-        """One output per prompt, in order.
+        """One output per prompt, in order. With `partial_images` set in the params, `on_partial`
+        gets each preview as it is made (called from the engine's reader thread).
 
         Raises InvalidRequestError (a ValueError) for bad input, GenerationError or WorkerGroupDied
         on failure (engine.errors).
@@ -52,7 +55,8 @@ class Omni:
         items = prompts if isinstance(prompts, list) else [prompts]
         requests = [build_request(self.model, PromptInput.from_user(item), params) for item in items]
         started = time.perf_counter()
-        futures = [self._group.submit(GenerationBatch([request]))[0] for request in requests]
+        futures = [self._group.submit(GenerationBatch([request]), _partial_handlers(request, index, on_partial))[0]
+                   for index, request in enumerate(requests)]
         try:
             return [output_from_result(r, _interruptible_result(f), started) for r, f in zip(requests, futures)]
         except BaseException:  # KeyboardInterrupt included: stop the work nobody will collect
@@ -86,3 +90,12 @@ def _interruptible_result(future: Future):
             return future.result(timeout=0.1)
         except FutureTimeout:
             continue
+
+
+def _partial_handlers(
+    request: GenerationRequest, prompt_index: int, on_partial: Callable[[PartialImage], None] | None,
+) -> dict[str, Callable[[GenerationPartial], None]]:
+    if on_partial is None:
+        return {}
+    return {request.request_id: lambda event: on_partial(
+        PartialImage(prompt_index, event.image_index, event.partial_index, event.image))}

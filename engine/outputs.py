@@ -23,6 +23,16 @@ class OmniRequestOutput:
     timings: dict[str, float] = field(default_factory=dict)  # total_s, inference_s, queue_s, step_s (mean)
 
 
+@dataclass
+class PartialImage:
+    """A streamed preview: the model's current estimate of one image, decoded at the asked size."""
+
+    prompt_index: int  # which prompt of the call (Omni.generate takes several; AsyncEngine one)
+    image_index: int  # which of that prompt's images
+    partial_index: int  # 0-based, in the order sent
+    image: Image.Image
+
+
 def output_from_result(
     request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0
 ) -> OmniRequestOutput:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from PIL import Image
 
 from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from engine.errors import InvalidRequestError
+from engine.masks import inpainting_mask
 from engine.model_resolver import ResolvedModel
 from workers import GenerationRequest
 
@@ -21,6 +23,7 @@ class PromptInput:
     prompt: str
     negative_prompt: str | None = None
     images: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None  # inpainting: as sent (alpha or black-and-white), see engine.masks
 
     @classmethod
     def from_user(cls, item: "str | dict") -> "PromptInput":
@@ -31,11 +34,12 @@ class PromptInput:
                 f"a prompt must be a string or a dict with a string 'prompt', got {item!r:.80}", "prompt")
         image = (item.get("multi_modal_data") or {}).get("image")
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        for candidate in images:
+        mask = (item.get("multi_modal_data") or {}).get("mask")
+        for name, candidate in [*(("image", i) for i in images), *([("mask", mask)] if mask is not None else [])]:
             if not isinstance(candidate, Image.Image):
                 raise InvalidRequestError(
-                    f"multi_modal_data['image'] must be PIL images, got {type(candidate).__name__}", "image")
-        return cls(prompt=item["prompt"], negative_prompt=item.get("negative_prompt"), images=images)
+                    f"multi_modal_data[{name!r}] must be PIL images, got {type(candidate).__name__}", name)
+        return cls(prompt=item["prompt"], negative_prompt=item.get("negative_prompt"), images=images, mask=mask)
 
 
 def new_seed() -> int:
@@ -51,10 +55,10 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         raise InvalidRequestError(
             f"model {model.name!r} edits images: pass an input image (multi_modal_data={{'image': ...}})", "image"
         )
-    if not family.is_edit and prompt.images:
-        raise InvalidRequestError(
-            f"model {model.name!r} generates from text only and does not take input images", "image"
-        )
+    pipeline, mask = _edit_pipeline(model, prompt)
+    if prompt.images and params.height is None and params.width is None:  # an edit keeps its input's size
+        width, height = prompt.images[0].size
+        params = dataclasses.replace(params, width=family.size.nearest(width), height=family.size.nearest(height))
     seed = new_seed() if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED:
         raise InvalidRequestError(f"seed={seed} must be between 0 and {MAX_SEED}", "seed")
@@ -78,4 +82,30 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         sampling=sampling,
         negative_prompt=next((n for n in negatives if n is not None), None),
         images=prompt.images,
+        mask=mask,
+        pipeline=pipeline,
     )
+
+
+def _edit_pipeline(model: ResolvedModel, prompt: PromptInput) -> tuple[str, Image.Image | None]:
+    """Which pipeline runs the prompt ("main" or one of the family's edit_pipelines), and its mask."""
+    family = model.family
+    if (prompt.mask is not None or not family.is_edit) and prompt.images:
+        smallest = min(min(image.size) for image in prompt.images)
+        if smallest < family.size.min:
+            raise InvalidRequestError(f"input images for image-to-image and inpainting need sides of at least "
+                                      f"{family.size.min} pixels; got {smallest}", "image")
+    if prompt.mask is not None:
+        if not prompt.images:
+            raise InvalidRequestError("a mask needs the image it applies to", "image")
+        if "inpaint" not in family.edit_pipelines:
+            raise InvalidRequestError(f"model {model.name!r} cannot inpaint: send the image without a mask", "mask")
+        return "inpaint", inpainting_mask(prompt.mask, prompt.images[0].size)
+    if prompt.images and not family.is_edit:
+        if "image-to-image" not in family.edit_pipelines:
+            raise InvalidRequestError(f"model {model.name!r} generates from text only and does not take input "
+                                      "images", "image")
+        if len(prompt.images) > 1:
+            raise InvalidRequestError(f"image-to-image with {model.name!r} takes one image per request", "image")
+        return "image-to-image", None
+    return "main", None

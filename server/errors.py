@@ -102,10 +102,13 @@ def validation_api_error(errors: list[dict]) -> APIError:
                    param, code)
 
 
+def error_body(error: APIError) -> dict:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
+
+
 def error_response(error: APIError) -> JSONResponse:
     headers = {"x-should-retry": "true" if error.retryable else "false", **error.headers}
-    body = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

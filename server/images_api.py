@@ -9,11 +9,13 @@ import time
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, OmniRequestOutput, PromptInput
 from server.errors import APIError, invalid
 from server.image_codec import MEDIA_TYPES, decode_upload, encode
 from server.image_store import ImageStore
+from server.image_stream import stream_response
 from server.request_recorder import RequestLog, request_log
 from server.schemas import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequest, ImagesResponse
 from server.settings import ServerSettings
@@ -31,6 +33,8 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     ) -> ImagesResponse:
         _check_model_and_task(body, engine, settings, edit=False)
         prompt = PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt)
+        if body.stream:
+            return _stream(engine, settings, [prompt], body, log, "image_generation")
         outputs = await _generate_all(request, engine, settings, [prompt], body, log)
         return await _response(request, body, outputs, store)
 
@@ -43,16 +47,15 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         fields, images, mask = await _multipart(request, settings.max_upload_bytes)
         body = ImageEditRequest.model_validate(fields)
         _check_model_and_task(body, engine, settings, edit=True)
-        if mask is not None:
-            raise invalid(
-                f"mask is not supported by model {settings.served_model_name!r}: it edits the whole image",
-                "mask", "unsupported_parameter",
-            )
-        # The edit family edits each input image on its own (n outputs per image); the plus family
-        # (Qwen-Image-Edit-2509/2511) reads all of them as conditions of one result (n outputs).
+        if mask is not None and len(images) > 1:
+            raise invalid(f"a mask applies to one image, but {len(images)} images were sent", "mask")
+        # The plus family (Qwen-Image-Edit-2509/2511) reads all images as conditions of one result;
+        # every other family edits each image on its own (n outputs per image).
         groups = [images] if engine.model.family.edits_images_together else [[image] for image in images]
-        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group)
+        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group, mask=mask)
                    for group in groups]
+        if body.stream:
+            return _stream(engine, settings, prompts, body, log, "image_edit")
         outputs = await _generate_all(request, engine, settings, prompts, body, log)
         return await _response(request, body, outputs, store)
 
@@ -88,7 +91,7 @@ async def _multipart(request: Request, max_bytes: int):
             if name in ("image", "image[]"):
                 images.append(await run_in_threadpool(decode_upload, data, name, max_bytes))
             elif name == "mask":
-                mask = await run_in_threadpool(decode_upload, data, "mask", max_bytes)
+                mask = await run_in_threadpool(decode_upload, data, "mask", max_bytes, True)
             else:
                 raise invalid(f"unexpected file field {name!r}; send image, image[] or mask", name, "unknown_parameter")
         elif name in fields:
@@ -107,10 +110,8 @@ def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settin
             404, f"model {api_request.model!r} is not served here; available: {settings.served_model_name!r}",
             "model", "model_not_found",
         )
-    if engine.model is not None and engine.model.family.is_edit != edit:
-        endpoint = "/v1/images/edits" if engine.model.family.is_edit else "/v1/images/generations"
-        kind = "edits images" if engine.model.family.is_edit else "generates images from text"
-        raise invalid(f"model {settings.served_model_name!r} {kind}: use POST {endpoint}", "model",
+    if engine.model is not None and engine.model.family.is_edit and not edit:
+        raise invalid(f"model {settings.served_model_name!r} edits images: use POST /v1/images/edits", "model",
                       "unsupported_endpoint")
 
 
@@ -131,10 +132,22 @@ async def _generate_all(
         work.cancel()
         raise APIError(499, "the client closed the connection; the request was cancelled", code="client_disconnected")
     outputs = work.result()
+    _log_outputs(log, outputs)
+    return outputs
+
+
+def _stream(engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput], api_request: ImageRequest,
+            log: RequestLog, event_prefix: str) -> StreamingResponse:
+    log.add(model=api_request.model or settings.served_model_name, size=api_request.size, n=api_request.n,
+            stream=True, partial_images=api_request.partial_images or 0)
+    return stream_response(engine, prompts, api_request, event_prefix,
+                           on_done=lambda outputs: _log_outputs(log, outputs))
+
+
+def _log_outputs(log: RequestLog, outputs: list[OmniRequestOutput]) -> None:
     first = outputs[0]
     log.add(steps=first.num_inference_steps, batch=first.batch_images, queue_wait=f"{first.timings['queue_s']:.3f}s",
             seed=first.seed)
-    return outputs
 
 
 async def _until_disconnected(request: Request) -> None:

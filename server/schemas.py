@@ -9,10 +9,10 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_SEED
+from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_PARTIAL_IMAGES, MAX_SEED
 from engine import OmniDiffusionSamplingParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -44,13 +44,16 @@ class ImageRequest(BaseModel):
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
     stream: bool = False
-    partial_images: int | None = Field(None, ge=0, le=3)
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="with stream=true: previews per image while it is made")
     # ditserve extensions (the SDK sends them through extra_body)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(None, max_length=32000)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     true_cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
+    strength: float | None = Field(None, ge=0, le=1, description="edits: how far from the input image (0-1; "
+                                   "default: the pipeline's, 0.6, or 1.0 for Z-Image inpainting)")
 
     @field_validator("size")
     @classmethod
@@ -62,9 +65,9 @@ class ImageRequest(BaseModel):
 
     @field_validator("stream")
     @classmethod
-    def _no_streaming_yet(cls, stream: bool) -> bool:
-        if stream:
-            raise _unsupported("stream=true is not supported yet; send stream=false")
+    def _streams_base64(cls, stream: bool, info: ValidationInfo) -> bool:
+        if stream and info.data.get("response_format") == "url":
+            raise _unsupported("stream=true sends images inside the events: use response_format='b64_json'")
         return stream
 
     @field_validator("background")
@@ -85,6 +88,8 @@ class ImageRequest(BaseModel):
             api_name = _API_FIELD.get(field.name, field.name)
             if api_name in type(self).model_fields:
                 values[field.name] = getattr(self, api_name)
+        if not self.stream:
+            values["partial_images"] = None  # previews only travel in a stream
         return OmniDiffusionSamplingParams(**values)
 
 
@@ -106,7 +111,8 @@ class ImageEditRequest(ImageRequest):
         schema["properties"] = {
             "image": {"anyOf": [binary, {"type": "array", "items": binary}],
                       "description": "the image(s) to edit; several may also be sent as image[]"},
-            "mask": {**binary, "description": "not supported yet"},
+            "mask": {**binary, "description": "inpainting: a PNG whose fully transparent pixels mark the region to "
+                                               "change (OpenAI), or black and white (white = change)"},
             **schema["properties"],
         }
         schema["required"] = ["image", *schema.get("required", [])]

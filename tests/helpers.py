@@ -21,6 +21,7 @@ import openai
 import torch
 from PIL import Image
 
+from configs import load_family
 from engine.worker_group import free_port
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -80,24 +81,38 @@ def load_plain_pipeline(path: Path) -> diffusers.DiffusionPipeline:
 FLUX_TRUE_CFG = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
 
 
-def reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
+def edit_mask(size: tuple[int, int]) -> Image.Image:
+    """Black and white (white = change): the right half and a band across the top."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[:, size[0] // 2 :] = 255
+    mask[: size[1] // 4] = 255
+    return Image.fromarray(mask, mode="L")
+
+
+def reference_image(path: Path, family: str, height: int, width: int, edit: str | None = None) -> Image.Image:
     """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API
-    (computed once per test process: many layouts compare against the same image)."""
-    return _reference_image(path, family, height, width).copy()
+    (computed once per test process: many layouts compare against the same image). `edit`:
+    "image-to-image" or "inpaint" with the family's pipeline for it (diffusers' from_pipe), on
+    condition_image((width, height)) and edit_mask."""
+    return _reference_image(path, family, height, width, edit).copy()
 
 
 @functools.cache
-def _reference_image(path: Path, family: str, height: int, width: int) -> Image.Image:
+def _reference_image(path: Path, family: str, height: int, width: int, edit: str | None) -> Image.Image:
     pipeline = load_plain_pipeline(path)
+    if edit is not None:
+        pipeline = getattr(diffusers, load_family(family).edit_pipelines[edit]).from_pipe(pipeline)
     arguments = dict(
         prompt=REFERENCE_PROMPT, height=height, width=width, num_inference_steps=REFERENCE_STEPS,
         generator=torch.Generator("cpu").manual_seed(REFERENCE_SEED),
     )
     if family.startswith("qwen-image"):
         arguments.update(negative_prompt=" ", true_cfg_scale=4.0)
-    images = condition_images(family)
+    images = condition_images(family) if edit is None else [condition_image((width, height))]
     if images:
         arguments["image"] = images[0] if len(images) == 1 else images
+    if edit == "inpaint":
+        arguments["mask_image"] = edit_mask((width, height))
     if family == "z-image":
         arguments["guidance_scale"] = 0.0
     if family == "flux":  # FLUX.1-dev's distilled guidance plus true CFG: two DiT calls per step

@@ -96,6 +96,8 @@ class GenerationRequest:
     sampling: SamplingParams
     negative_prompt: str | None = None
     images: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None  # "L", white = change; same size as images[0]
+    pipeline: str = "main"  # the family's loaded pipeline, or one of its edit_pipelines (image-to-image, inpaint)
 
     @property
     def image_seeds(self) -> list[int]:
@@ -117,6 +119,16 @@ class GenerationResult:
     inference_s: float
     step_s: list[float]  # duration of each denoising step after the first
     batch_images: int  # images in the pipeline call this request was part of
+
+
+@dataclass
+class GenerationPartial:
+    """A preview of one image while it is made: the decoded estimate of the final image."""
+
+    request_id: str
+    image_index: int  # which of the request's n images
+    partial_index: int  # 0-based, in the order sent
+    image: Image.Image
 
 
 class FailureKind(enum.Enum):

@@ -11,8 +11,10 @@ import diffusers
 import torch
 
 from configs import load_family
+from configs.families import FamilyConfig, PreviewPlan
 from workers.cfg_parallel import CfgDispatcher, calls_dit_twice_per_step
-from workers.messages import GenerationBatch, GenerationResult, WorkerSpec
+from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
+from workers.partial_previews import PreviewDecoder, preview_steps
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 
@@ -38,16 +40,31 @@ class NonFiniteLatents(RuntimeError):
 
 
 class PipelineRunner:
-    """Runs batches through one loaded pipeline, passing only arguments its __call__ accepts."""
+    """Runs batches through one loaded pipeline (or an edit pipeline built from it), passing only
+    arguments the pipeline's __call__ accepts."""
 
-    def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None):
+    def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None,
+                 family: FamilyConfig | None = None):
         self.pipeline = pipeline
         self.dispatcher = dispatcher
-        self._accepted = set(inspect.signature(pipeline.__call__).parameters)
+        self.previews = PreviewDecoder(pipeline, family.preview if family else PreviewPlan())
+        self._edit_classes = family.edit_pipelines if family else {}
+        self._pipelines = {"main": pipeline}
+
+    def pipeline_for(self, name: str) -> diffusers.DiffusionPipeline:
+        """"main", or an edit pipeline made on first use with diffusers' from_pipe: it holds the
+        same component objects (no second copy of any weight; the DiT's dispatcher and the text
+        encoders' broadcast hooks come along)."""
+        if name not in self._pipelines:
+            pipeline = getattr(diffusers, self._edit_classes[name]).from_pipe(self.pipeline)
+            pipeline.set_progress_bar_config(disable=True)
+            self._pipelines[name] = pipeline
+        return self._pipelines[name]
 
     def call_arguments(self, batch: GenerationBatch) -> dict[str, Any]:
         """One pipeline call for the batch; its requests share every value but prompt, negative and seed."""
         first, requests = batch.requests[0], batch.requests
+        accepted = inspect.signature(self.pipeline_for(first.pipeline).__call__).parameters
 
         def per_prompt(values: list) -> Any:  # a lone request passes plain values, as a diffusers user would
             return values[0] if len(values) == 1 else values
@@ -58,17 +75,23 @@ class PipelineRunner:
             "negative_prompt": None if first.negative_prompt is None else per_prompt(
                 [r.negative_prompt for r in requests]),
             "image": first.images[0] if len(first.images) == 1 else first.images or None,
+            "mask_image": first.mask,
             # Noise always comes from CPU generators on the driver, one per image (seed + i), so an
             # image is the same on any device, at any tensor-parallel size and in any batch.
             "generator": [torch.Generator("cpu").manual_seed(seed) for r in requests for seed in r.image_seeds],
         }
-        return {k: v for k, v in arguments.items() if v is not None and k in self._accepted}
+        return {k: v for k, v in arguments.items() if v is not None and k in accepted}
 
     @torch.inference_mode()
-    def run(self, batch: GenerationBatch, should_stop: Callable[[], bool] = lambda: False) -> list[GenerationResult]:
-        """Results in request order; raises BatchCancelled when should_stop() turns true after a step."""
+    def run(self, batch: GenerationBatch, should_stop: Callable[[], bool] = lambda: False,
+            on_partial: Callable[[GenerationPartial], None] | None = None) -> list[GenerationResult]:
+        """Results in request order; raises BatchCancelled when should_stop() turns true after a step.
+        With `on_partial`, the batch's `partial_images` previews go to it as they are made."""
         started = time.perf_counter()
         step_ends: list[float] = []
+        sampling = batch.requests[0].sampling
+        preview_at = preview_steps(sampling.num_inference_steps, sampling.partial_images) if on_partial else []
+        previous: list[torch.Tensor] = []
 
         def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
             step_ends.append(time.perf_counter())
@@ -81,14 +104,19 @@ class PipelineRunner:
                     "(too few steps for the scheduler, or a numerically broken model or dtype)")
             if should_stop():
                 raise BatchCancelled
+            if step in preview_at:
+                self._send_previews(batch, previous.pop(), latents, preview_at.index(step), on_partial)
+            if step + 1 in preview_at:
+                previous.append(latents.clone())
             return tensors
 
         arguments = self.call_arguments(batch)
         if self.dispatcher is not None:
             self.dispatcher.begin(calls_dit_twice_per_step(self.dispatcher.plan, batch.requests[0]))
-        if "callback_on_step_end" in self._accepted:
+        pipeline = self.pipeline_for(batch.requests[0].pipeline)
+        if "callback_on_step_end" in inspect.signature(pipeline.__call__).parameters:
             arguments["callback_on_step_end"] = after_step
-        images = list(self.pipeline(**arguments, output_type="pil").images)
+        images = list(pipeline(**arguments, output_type="pil").images)
         inference_s = time.perf_counter() - started
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
         results, offset = [], 0
@@ -104,3 +132,13 @@ class PipelineRunner:
             ))
             offset += count
         return results
+
+    def _send_previews(self, batch: GenerationBatch, before: torch.Tensor, after: torch.Tensor, index: int,
+                       on_partial: Callable[[GenerationPartial], None]) -> None:
+        sampling = batch.requests[0].sampling
+        images = self.previews.decode(self.previews.clean_estimate(before, after), sampling.height, sampling.width)
+        offset = 0
+        for request in batch.requests:
+            for image_index in range(request.sampling.num_outputs_per_prompt):
+                on_partial(GenerationPartial(request.request_id, image_index, index, images[offset + image_index]))
+            offset += request.sampling.num_outputs_per_prompt

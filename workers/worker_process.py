@@ -59,7 +59,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
                 if name != "transformer" and spec.world_size > 1 and isinstance(module, torch.nn.Module):
                     forward_broadcast.install_driver_hook(name, module)
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
-            runner = PipelineRunner(load_pipeline(spec, **shards), dispatcher)
+            runner = PipelineRunner(load_pipeline(spec, **shards), dispatcher, family)
             components = runner.pipeline.components
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
@@ -186,7 +186,8 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
             continue
         forward_broadcast.ring(channels.doorbells)
         try:
-            for result in runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live)):
+            for result in runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live),
+                                     events.put):
                 events.put(result)
         except BatchCancelled:
             for request in live:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -92,8 +93,10 @@ def test_bad_sampling_values_raise_value_error_naming_what_works(omni, params, m
 def test_bad_prompts_raise_value_error(omni):
     with pytest.raises(ValueError, match="prompt must not be empty"):
         omni.generate("   ")
-    with pytest.raises(ValueError, match="generates from text only"):
+    with pytest.raises(ValueError, match="sides of at least 64 pixels"):
         omni.generate({"prompt": "x", "multi_modal_data": {"image": __import__("PIL.Image").Image.new("RGB", (8, 8))}})
+    with pytest.raises(ValueError, match="a mask needs the image it applies to"):
+        omni.generate({"prompt": "x", "multi_modal_data": {"mask": __import__("PIL.Image").Image.new("L", (8, 8))}})
     with pytest.raises(ValueError, match="string 'prompt'"):
         omni.generate({"text": "x"})
 
@@ -134,3 +137,17 @@ def test_keyboard_interrupt_cancels_the_running_request(omni):
     waited = time.perf_counter() - interrupted
     assert waited < 15.0, f"the next request took {waited:.2f} s"
     assert quick.images[0].size == (64, 64)
+
+
+def test_partial_images_reach_the_callback_and_leave_the_final_images_unchanged(omni):
+    params = OmniDiffusionSamplingParams(num_inference_steps=6, height=64, width=96, seed=5, num_outputs_per_prompt=2)
+    plain = omni.generate(["a cat", "a dog"], params)
+    partials = []
+    previewed = omni.generate(["a cat", "a dog"], dataclasses.replace(params, partial_images=2),
+                              on_partial=partials.append)
+    assert sorted((p.prompt_index, p.image_index, p.partial_index) for p in partials) == [
+        (prompt, image, partial) for prompt in (0, 1) for image in (0, 1) for partial in (0, 1)]
+    assert all(p.image.size == (96, 64) for p in partials)
+    for with_previews, without in zip(previewed, plain):
+        for a, b in zip(with_previews.images, without.images):
+            assert max_pixel_difference(a, b) == 0

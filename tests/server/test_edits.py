@@ -52,3 +52,28 @@ def test_edit_plus_reads_every_image_as_a_condition_of_one_result(plus_server: S
     only_red = plus_server.client().images.edit(image=images[:1], prompt="put them together", size="64x64",
                                                 extra_body={"seed": 5})
     assert decode(only_red.data[0].b64_json).tobytes() != decode(one.data[0].b64_json).tobytes()
+
+
+def test_a_text_to_image_model_edits_image_to_image_at_the_input_size(z_image_server: ServerProcess):
+    result = z_image_server.client().images.edit(
+        image=png_file("in.png", (200, 30, 30), size=(100, 70)), prompt="make it blue",
+        extra_body={"seed": 3, "strength": 0.5, "num_inference_steps": 4})
+    assert decode(result.data[0].b64_json).size == (96, 64)  # the input's size, rounded to multiples of 16
+
+
+def test_inpainting_reads_openai_alpha_masks_and_black_and_white_masks_alike(z_image_server: ServerProcess):
+    """The transparent right half of an RGBA mask and the white right half of an L mask mean the same."""
+    alpha = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (32, 0, 64, 64))
+    black_and_white = Image.new("L", (64, 64), 0)
+    black_and_white.paste(255, (32, 0, 64, 64))
+    images = []
+    for mask in (alpha, black_and_white):
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        result = z_image_server.client().images.edit(
+            image=png_file("in.png", (200, 30, 30), size=(64, 64)), mask=("mask.png", buffer.getvalue(), "image/png"),
+            prompt="a window", extra_body={"seed": 9, "num_inference_steps": 2})
+        images.append(decode(result.data[0].b64_json))
+    assert images[0].size == (64, 64)
+    assert images[0].tobytes() == images[1].tobytes()

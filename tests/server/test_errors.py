@@ -70,7 +70,7 @@ CASES = [
     Bad("unknown model", 404, "model", json={"prompt": "a cat", "model": "dall-e-3"}, code="model_not_found"),
     Bad("wrong content type", 415, None, content=b"prompt=a cat", headers={"content-type": "text/plain"}),
     Bad("unknown parameter", 400, "colour", json={"prompt": "a cat", "colour": "red"}, code="unknown_parameter"),
-    Bad("stream true", 400, "stream", json={"prompt": "a cat", "stream": True}),
+    Bad("stream with url", 400, "stream", json={"prompt": "a cat", "stream": True, "response_format": "url"}),
     Bad("transparent background", 400, "background", json={"prompt": "a cat", "background": "transparent"}),
     Bad("bad response_format", 400, "response_format", json={"prompt": "a cat", "response_format": "jpeg"}),
     Bad("bad output_format", 400, "output_format", json={"prompt": "a cat", "output_format": "gif"}),
@@ -82,7 +82,12 @@ CASES = [
     Bad("wrong method", 405, None, method="GET", code="method_not_allowed"),
     Bad("generation on an edit model", 400, "model", server="edit", json={"prompt": "a cat"},
         code="unsupported_endpoint"),
-    edit("edit on a text-to-image model", 400, "model", server="z_image", code="unsupported_endpoint"),
+    edit("mask of another size", 400, "mask", server="z_image", files=[
+        ("image", ("in.png", image_bytes(size=(64, 64)), "image/png")),
+        ("mask", ("m.png", image_bytes(size=(32, 32)), "image/png"))]),
+    edit("two images and a mask", 400, "mask", server="z_image", files=[
+        ("image[]", ("a.png", image_bytes(), "image/png")), ("image[]", ("b.png", image_bytes(), "image/png")),
+        ("mask", ("m.png", image_bytes(), "image/png"))]),
     edit("edit without image", 400, "image", files=[("mask", ("m.png", image_bytes(), "image/png"))]),
     edit("edit with a text file as image", 400, "image", files=[("image", ("a.png", b"not an image", "image/png"))],
          code="invalid_image"),
@@ -93,8 +98,11 @@ CASES = [
          files=[("image", ("big.png", image_bytes() + b"\0" * UPLOAD_LIMIT, "image/png"))], code="file_too_large"),
     edit("edit with a decompression bomb", 400, "image",
          files=[("image", ("bomb.png", image_bytes(size=(5000, 5000)), "image/png"))], code="image_too_large"),
-    edit("edit with a mask", 400, "mask",
-         files=[("image", ("in.png", image_bytes(), "image/png")), ("mask", ("m.png", image_bytes(), "image/png"))]),
+    edit("mask neither transparent nor black and white", 400, "mask", files=[
+        ("image", ("in.png", image_bytes(size=(64, 64)), "image/png")),
+        ("mask", ("m.png", image_bytes(size=(64, 64)), "image/png"))]),
+    edit("image too small to inpaint", 400, "image", files=[
+        ("image", ("in.png", image_bytes(), "image/png")), ("mask", ("m.png", image_bytes(), "image/png"))]),
     edit("edit with n zero", 400, "n", data={"n": "0"}),
     edit("edit with fewer steps than the scheduler handles", 400, "num_inference_steps",
          data={"num_inference_steps": "1"}),
