@@ -79,3 +79,14 @@ def test_the_memory_report_covers_every_axis():
         assert memory.dit == tp_only[rank % 2].dit  # replicated across Ulysses and CFG groups
         assert (memory.text_encoders > 0) == (rank < 2)  # only the driver's TP group runs them
         assert (memory.vae > 0) == (rank == 0)
+
+
+def test_serve_parallel_auto_takes_one_rank_per_core_on_a_cpu(monkeypatch):
+    from server import cli
+
+    monkeypatch.setattr(cli, "usable_cores", lambda: 2)
+    config = cli._auto_parallel_config(cli.build_serve_parser().parse_args(["tiny/qwen-image", "--parallel", "auto"]))
+    assert (config.tensor_parallel_size, config.ulysses_degree, config.cfg_parallel_size) == (1, 1, 2)
+    explicit = cli.build_serve_parser().parse_args(["tiny/qwen-image", "--parallel", "auto", "--usp", "2"])
+    with pytest.raises(ValueError, match="--parallel auto chooses the sizes itself"):
+        cli._auto_parallel_config(explicit)

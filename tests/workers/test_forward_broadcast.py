@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import torch
@@ -35,7 +36,9 @@ def exchange(rank: int, port: int, results) -> None:
         forward_broadcast.send(forward_broadcast.STOP)
     else:
         received = [forward_broadcast.receive() for _ in range(2)]
-        results.put(received)
+        # plain pickle copies the tensors' bytes; the queue's own reducer would share them through a
+        # file descriptor that dies with this process, before the test may read it
+        results.put(pickle.dumps(received))
     parallel_state.shutdown()
 
 
@@ -63,7 +66,7 @@ def test_forward_arguments_round_trip_to_a_follower():
     processes = [context.Process(target=exchange, args=(rank, port, results)) for rank in range(2)]
     for process in processes:
         process.start()
-    (forward, tree), (stop, nothing) = results.get(timeout=120)
+    (forward, tree), (stop, nothing) = pickle.loads(results.get(timeout=120))
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
