@@ -43,7 +43,7 @@ _POLL_S = 1.0
 
 
 def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
-    """Process target (spawned): report ready or the startup error, then serve until told to stop."""
+    """Process target (started by the fork server): report ready or the startup error, then serve until told to stop."""
     events = channels.events
     started = time.perf_counter()
     _take_signals_from_the_engine()
