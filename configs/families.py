@@ -110,6 +110,10 @@ class CfgParallelPlan(_Strict):
     branches: Literal["separate_calls", "batched"]
     batch_arguments: list[str] = []
 
+    def calls_twice(self, true_cfg_scale: float | None, negative_prompt: str | None) -> bool:
+        """Whether the pipeline makes a cond and an uncond DiT call per step (diffusers' `do_true_cfg`)."""
+        return self.branches == "separate_calls" and (true_cfg_scale or 0) > 1 and negative_prompt is not None
+
 
 class PreviewPlan(_Strict):
     """How the pipeline turns latents into pixels, for partial-image previews: `packed` latents are

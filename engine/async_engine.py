@@ -221,8 +221,7 @@ class AsyncEngine:
     def _partial_handler(self, callback: Callable[[PartialImage], None]) -> Callable[[GenerationPartial], None]:
         """From the group's reader thread onto the event loop."""
         def forward(event: GenerationPartial) -> None:
-            partial = PartialImage(0, event.image_index, event.partial_index, event.image)
-            self._loop.call_soon_threadsafe(callback, partial)
+            self._loop.call_soon_threadsafe(callback, PartialImage.of(event))
         return forward
 
     def _observe(self, results: list) -> None:

@@ -97,5 +97,4 @@ def _partial_handlers(
 ) -> dict[str, Callable[[GenerationPartial], None]]:
     if on_partial is None:
         return {}
-    return {request.request_id: lambda event: on_partial(
-        PartialImage(prompt_index, event.image_index, event.partial_index, event.image))}
+    return {request.request_id: lambda event: on_partial(PartialImage.of(event, prompt_index))}

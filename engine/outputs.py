@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from engine.errors import error_for
-from workers import GenerationFailure, GenerationRequest, GenerationResult
+from workers import GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
 
 
 @dataclass
@@ -31,6 +31,10 @@ class PartialImage:
     image_index: int  # which of that prompt's images
     partial_index: int  # 0-based, in the order sent
     image: Image.Image
+
+    @classmethod
+    def of(cls, event: GenerationPartial, prompt_index: int = 0) -> PartialImage:
+        return cls(prompt_index, event.image_index, event.partial_index, event.image)
 
 
 def output_from_result(

@@ -85,9 +85,9 @@ class DiffusionParallelConfig:
 
 def has_two_branches(model: ResolvedModel) -> bool:
     """Whether the model's default sampling runs two DiT branches per step (true CFG or batched CFG)."""
-    defaults = model.defaults
-    if model.family.cfg_parallel.branches == "separate_calls":
-        return (defaults.true_cfg_scale or 0) > 1 and defaults.negative_prompt is not None
+    plan, defaults = model.family.cfg_parallel, model.defaults
+    if plan.branches == "separate_calls":
+        return plan.calls_twice(defaults.true_cfg_scale, defaults.negative_prompt)
     return (defaults.guidance_scale or 0) > 1
 
 

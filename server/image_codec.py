@@ -23,9 +23,10 @@ def encode(image: Image.Image, output_format: str, compression: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_upload(data: bytes, param: str, max_bytes: int, keep_alpha: bool = False) -> Image.Image:
-    """An RGB image (RGBA with `keep_alpha` where it has transparency: a mask) from uploaded bytes;
-    400/413 errors name `param` and say what is accepted."""
+def decode_upload(data: bytes, param: str, max_bytes: int, keep_mode: bool = False) -> Image.Image:
+    """An RGB image from uploaded bytes (in its own mode with `keep_mode`: a mask, which
+    engine.masks reads by its alpha or as black and white); 400/413 errors name `param` and say
+    what is accepted."""
     if len(data) > max_bytes:
         raise APIError(413, f"{param} is {len(data)} bytes; the limit is {max_bytes} bytes", param, "file_too_large")
     if not data:
@@ -48,6 +49,4 @@ def decode_upload(data: bytes, param: str, max_bytes: int, keep_alpha: bool = Fa
             image.load()
     except Exception as exc:
         raise invalid(f"{param} could not be decoded ({type(exc).__name__})", param, "invalid_image") from None
-    if keep_alpha and ("A" in image.getbands() or "transparency" in image.info):
-        return image.convert("RGBA")
-    return image.convert("RGB")
+    return image if keep_mode else image.convert("RGB")

@@ -30,7 +30,6 @@ from torch import nn
 
 from configs.families import CfgParallelPlan, SequenceParallelPlan
 from workers import forward_broadcast, parallel_state, sequence_parallel
-from workers.messages import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +67,6 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
 
 def _with_tensors(output: tuple, tensors: list[torch.Tensor]) -> tuple:
     return (list(tensors) if isinstance(output[0], list) else tensors[0], *output[1:])
-
-
-def calls_dit_twice_per_step(plan: CfgParallelPlan, request: GenerationRequest) -> bool:
-    """The pipelines' own rule for true CFG (diffusers' `do_true_cfg`)."""
-    return (plan.branches == "separate_calls" and (request.sampling.true_cfg_scale or 0) > 1
-            and request.negative_prompt is not None)
 
 
 class CfgDispatcher:

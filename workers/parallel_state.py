@@ -161,26 +161,29 @@ def all_to_all(pieces: list[torch.Tensor], axis: str) -> list[torch.Tensor]:
             return group.shared_memory.all_to_all(pieces)
         if dist.get_backend(group.process_group) != "nccl":  # gloo's all-to-all needs equal shapes
             return [member[group.index] for member in _gather_through_dist(pieces, group)]
-        shapes = [member[0] for member in _gather_through_dist([], group, [p.shape for p in pieces])]
-        received = [torch.empty(shape[group.index], dtype=mine.dtype, device=mine.device) for shape in shapes]
+        shapes = _gather_shapes([p.shape for p in pieces], group)
+        received = [torch.empty(member[group.index], dtype=mine.dtype, device=mine.device) for member in shapes]
         dist.all_to_all(received, [p.contiguous() for p in pieces], group=group.process_group)
         return received
 
 
-def _gather_through_dist(tensors: list[torch.Tensor], group: _Group, shapes: list | None = None) -> list:
-    """The collective library's uneven all-gather: shapes first (one small all-gather), then the
-    flattened payloads padded to the longest. With `shapes` given, gathers only those."""
-    device = _current().device
-    header = shape_header(shapes if shapes is not None else [t.shape for t in tensors])
+def _gather_shapes(shapes: list, group: _Group) -> list[list[tuple[int, ...]]]:
+    """Every member's list of shapes (one small all-gather of a fixed-size header)."""
+    header = shape_header(shapes)
     if len(header) > _MAX_HEADER:
         raise ValueError(f"too many dimensions for one exchange ({len(header)} header values)")
-    padded_header = torch.zeros(_MAX_HEADER, dtype=torch.int64, device=device)
-    padded_header[: len(header)] = torch.tensor(header)
-    headers = [torch.empty_like(padded_header) for _ in range(group.size)]
-    dist.all_gather(headers, padded_header, group=group.process_group)
-    member_shapes = [shapes_from_header(h.tolist()) for h in headers]
-    if shapes is not None:
-        return [[s] for s in member_shapes]
+    padded = torch.zeros(_MAX_HEADER, dtype=torch.int64, device=_current().device)
+    padded[: len(header)] = torch.tensor(header)
+    headers = [torch.empty_like(padded) for _ in range(group.size)]
+    dist.all_gather(headers, padded, group=group.process_group)
+    return [shapes_from_header(h.tolist()) for h in headers]
+
+
+def _gather_through_dist(tensors: list[torch.Tensor], group: _Group) -> list[list[torch.Tensor]]:
+    """The collective library's uneven all-gather: shapes first, then the flattened payloads
+    padded to the longest."""
+    device = _current().device
+    member_shapes = _gather_shapes([t.shape for t in tensors], group)
     dtype = tensors[0].dtype
     flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype, device=device)
     longest = max(sum(math.prod(s) for s in member) for member in member_shapes)

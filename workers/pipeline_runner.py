@@ -12,7 +12,7 @@ import torch
 
 from configs import load_family
 from configs.families import FamilyConfig, PreviewPlan
-from workers.cfg_parallel import CfgDispatcher, calls_dit_twice_per_step
+from workers.cfg_parallel import CfgDispatcher
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
 from workers.partial_previews import PreviewDecoder, preview_steps
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
@@ -50,6 +50,7 @@ class PipelineRunner:
         self.previews = PreviewDecoder(pipeline, family.preview if family else PreviewPlan())
         self._edit_classes = family.edit_pipelines if family else {}
         self._pipelines = {"main": pipeline}
+        self._accepted = {"main": set(inspect.signature(pipeline.__call__).parameters)}
 
     def pipeline_for(self, name: str) -> diffusers.DiffusionPipeline:
         """"main", or an edit pipeline made on first use with diffusers' from_pipe: it holds the
@@ -59,12 +60,17 @@ class PipelineRunner:
             pipeline = getattr(diffusers, self._edit_classes[name]).from_pipe(self.pipeline)
             pipeline.set_progress_bar_config(disable=True)
             self._pipelines[name] = pipeline
+            self._accepted[name] = set(inspect.signature(pipeline.__call__).parameters)
         return self._pipelines[name]
+
+    def _accepted_by(self, name: str) -> set[str]:
+        self.pipeline_for(name)
+        return self._accepted[name]
 
     def call_arguments(self, batch: GenerationBatch) -> dict[str, Any]:
         """One pipeline call for the batch; its requests share every value but prompt, negative and seed."""
         first, requests = batch.requests[0], batch.requests
-        accepted = inspect.signature(self.pipeline_for(first.pipeline).__call__).parameters
+        accepted = self._accepted_by(first.pipeline)
 
         def per_prompt(values: list) -> Any:  # a lone request passes plain values, as a diffusers user would
             return values[0] if len(values) == 1 else values
@@ -111,10 +117,12 @@ class PipelineRunner:
             return tensors
 
         arguments = self.call_arguments(batch)
+        first = batch.requests[0]
         if self.dispatcher is not None:
-            self.dispatcher.begin(calls_dit_twice_per_step(self.dispatcher.plan, batch.requests[0]))
-        pipeline = self.pipeline_for(batch.requests[0].pipeline)
-        if "callback_on_step_end" in inspect.signature(pipeline.__call__).parameters:
+            self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
+                                                                   first.negative_prompt))
+        pipeline = self.pipeline_for(first.pipeline)
+        if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
         images = list(pipeline(**arguments, output_type="pil").images)
         inference_s = time.perf_counter() - started

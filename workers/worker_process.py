@@ -55,9 +55,9 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
         executor = DitExecutor(shards["transformer"], family.sequence_parallel)
         components = shards
         if rank == 0:
-            for name, module in shards.items():
-                if name != "transformer" and spec.world_size > 1 and isinstance(module, torch.nn.Module):
-                    forward_broadcast.install_driver_hook(name, module)
+            if parallel_state.size_of("tp") > 1:  # the text-encoder shards the TP group runs together
+                for name in shard_load_s.keys() - {"transformer"}:
+                    forward_broadcast.install_driver_hook(name, shards[name])
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
             runner = PipelineRunner(load_pipeline(spec, **shards), dispatcher, family)
             components = runner.pipeline.components
