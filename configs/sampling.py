@@ -20,6 +20,7 @@ MAX_OUTPUTS_PER_PROMPT = 10
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 100.0
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound for streamed previews
+MAX_LORA_SCALE = 10.0  # |scale| of one LoRA adapter
 
 
 class SamplingValueError(ValueError):
@@ -28,6 +29,15 @@ class SamplingValueError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One LoRA adapter a request runs with, by the name it was loaded under; scale multiplies its
+    update (1.0: as trained; 0: off; negative: away from it)."""
+
+    name: str
+    scale: float = 1.0
 
 
 @dataclass
@@ -47,6 +57,7 @@ class OmniDiffusionSamplingParams:
     max_sequence_length: int | None = None
     partial_images: int | None = None  # previews streamed while the image is made (0-3)
     strength: float | None = None  # image-to-image and inpainting: how far from the input (0-1)
+    loras: list[LoraAdapter] | None = None  # LoRA adapters loaded on the engine, composed additively
 
     def overridden_by(self, other: "OmniDiffusionSamplingParams") -> "OmniDiffusionSamplingParams":
         """These values with every field `other` sets replaced."""

@@ -1,12 +1,14 @@
 """The engine: resolves models, validates requests, and drives the rank processes."""
 
-from configs import OmniDiffusionSamplingParams
+from configs import LoraAdapter, OmniDiffusionSamplingParams
 from engine.async_engine import AsyncEngine, EngineConfig, EngineState
 from engine.errors import (
     EngineError,
     EngineNotReady,
     GenerationError,
     InvalidRequestError,
+    LoraLoadError,
+    LoraNotFound,
     QueueFull,
     RequestCancelled,
     RequestTimedOut,
@@ -29,6 +31,9 @@ __all__ = [
     "EngineState",
     "GenerationError",
     "InvalidRequestError",
+    "LoraAdapter",
+    "LoraLoadError",
+    "LoraNotFound",
     "Omni",
     "OmniDiffusionSamplingParams",
     "OmniRequestOutput",

@@ -22,13 +22,20 @@ from PIL import Image
 from configs import OmniDiffusionSamplingParams
 from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
+from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoadedAdapter, LoraRegistry
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
-from workers import GenerationBatch, GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
+from workers import (
+    GenerationBatch,
+    GenerationFailure,
+    GenerationPartial,
+    GenerationRequest,
+    GenerationResult,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ class EngineConfig:
     request_timeout_s: float | None = None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S  # for every rank to load
     warm_up: bool = True
+    lora_modules: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> path, loaded at start
+    max_loras: int = DEFAULT_MAX_LORAS  # adapters resident on the ranks at once (LRU beyond)
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
 
     def __post_init__(self) -> None:
         for name in ("max_queue_size", "max_batch_size"):
@@ -80,6 +90,7 @@ class AsyncEngine:
         self.state = EngineState.LOADING
         self.failure: str | None = None
         self.model: ResolvedModel | None = None
+        self.loras = LoraRegistry(config.max_loras, reserved_names={config.model})
         self._group: WorkerGroup | None = None
         self._waiting: list[_Pending] = []
         self._running: list[_Pending] = []
@@ -147,7 +158,7 @@ class AsyncEngine:
         `result` waits for it. A streaming response admits first, so these errors are plain HTTP errors."""
         if not self.healthy:
             raise EngineNotReady(self.not_ready_reason())
-        request = build_request(self.model, prompt, params)
+        request = build_request(self.model, prompt, params, self.loras)
         admitted = len(self._waiting) + len(self._running)
         if admitted >= self.config.max_queue_size:
             raise QueueFull(f"{admitted} requests are already admitted (max_queue_size={self.config.max_queue_size})")
@@ -169,6 +180,18 @@ class AsyncEngine:
             ) from None
         request = pending.request
         return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
+
+    async def load_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Load a LoRA adapter on every rank (after the batch that runs now); LoraLoadError says why not."""
+        if not self.healthy:
+            raise EngineNotReady(self.not_ready_reason())
+        return await asyncio.to_thread(self.loras.load, self._group, name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        """Requests already admitted with this adapter fail; later ones are refused (404)."""
+        if not self.healthy:
+            raise EngineNotReady(self.not_ready_reason())
+        await asyncio.to_thread(self.loras.unload, self._group, name)
 
     def cancel(self, pending: _Pending) -> None:
         """Stop an admitted request: dropped if still waiting, else stopped at its next step."""
@@ -256,10 +279,16 @@ class AsyncEngine:
         """Resolve, spawn, load and warm up (blocking: runs in a thread)."""
         model = resolve_model(self.config.model, configs_only=self.config.load_format == "dummy")
         model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
-        spec = worker_spec(model, self.config.parallel, self.config.dtype, self.config.load_format)
-        group = WorkerGroup(spec, self.config.startup_timeout_s, on_death=self._on_death)
+        config = self.config
+        spec = worker_spec(model, config.parallel, config.dtype, config.load_format, config.max_loras,
+                           config.max_lora_rank)
+        group = WorkerGroup(spec, config.startup_timeout_s, on_death=self._on_death)
         group.start()
         try:
+            if self._group is None:  # the first start
+                self.loras.load_all(group, config.lora_modules)
+            else:  # a restart: what was loaded before, from the same files
+                self.loras.reload_into(group)
             if self.config.warm_up:
                 self._warm_up(model, group)
         except BaseException:

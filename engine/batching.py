@@ -21,8 +21,8 @@ def batch_key(request: GenerationRequest) -> Hashable:
     """Requests with equal keys differ only in prompt, negative prompt and seed."""
     if request.images:  # input images are pipeline-wide: an edit request runs alone
         return ("alone", request.request_id)
-    # A pipeline takes negative prompts for all prompts or for none.
-    return request.sampling, request.negative_prompt is None
+    # A pipeline takes negative prompts for all prompts or for none; LoRA adapters apply to a whole call.
+    return request.sampling, request.negative_prompt is None, request.loras
 
 
 def take_batch(waiting: Sequence[HasRequest], max_images: int) -> list[HasRequest]:

@@ -20,6 +20,18 @@ class InvalidRequestError(EngineError, ValueError):
         self.param = param
 
 
+class LoraNotFound(InvalidRequestError):
+    """A request or an unload names a LoRA adapter that is not loaded."""
+
+
+class LoraLoadError(InvalidRequestError):
+    """A LoRA adapter could not be loaded; `code` says why ("lora_rank_too_high", "invalid_lora_adapter", ...)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message, "lora_path")
+        self.code = code
+
+
 class EngineNotReady(EngineError):
     """The model is loading or restarting, failed to load, or the engine was stopped."""
 

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from configs import OmniDiffusionSamplingParams
+from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoadedAdapter, LoraRegistry
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
@@ -30,14 +31,33 @@ class Omni:
         dtype: str = "auto",
         load_format: str = "auto",
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        lora_modules: dict[str, str] | None = None,
+        max_loras: int = DEFAULT_MAX_LORAS,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     ):
         """load_format="dummy" builds the full-size model from its configuration with random
-        weights (a published hub id needs nothing on disk): latency and memory at true size."""
+        weights (a published hub id needs nothing on disk): latency and memory at true size.
+        lora_modules: {name: path} of LoRA adapters to load now (more with `load_lora`); a request
+        uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
         self.parallel_config = parallel_config or DiffusionParallelConfig()
         self.model: ResolvedModel = resolve_model(model, configs_only=load_format == "dummy")
-        spec = worker_spec(self.model, self.parallel_config, dtype, load_format)
+        spec = worker_spec(self.model, self.parallel_config, dtype, load_format, max_loras, max_lora_rank)
+        self.loras = LoraRegistry(max_loras, reserved_names={model})
         self._group = WorkerGroup(spec, startup_timeout_s)
         self._group.start()
+        try:
+            self.loras.load_all(self._group, lora_modules or {})
+        except BaseException:
+            self._group.close()
+            raise
+
+    def load_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Load a LoRA adapter (a folder, a .safetensors file or a hub id) under `name`; raises
+        LoraLoadError when it does not fit the model."""
+        return self.loras.load(self._group, name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.loras.unload(self._group, name)
 
     def generate(
         self,
@@ -53,7 +73,7 @@ class Omni:
         """
         params = sampling_params or OmniDiffusionSamplingParams()
         items = prompts if isinstance(prompts, list) else [prompts]
-        requests = [build_request(self.model, PromptInput.from_user(item), params) for item in items]
+        requests = [build_request(self.model, PromptInput.from_user(item), params, self.loras) for item in items]
         started = time.perf_counter()
         futures = [self._group.submit(GenerationBatch([request]), _partial_handlers(request, index, on_partial))[0]
                    for index, request in enumerate(requests)]

@@ -117,7 +117,8 @@ def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
 
 
 def worker_spec(
-    model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto"
+    model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto",
+    max_loras: int = WorkerSpec.max_loras, max_lora_rank: int = WorkerSpec.max_lora_rank,
 ) -> WorkerSpec:
     """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
     check_split(model, parallel)
@@ -145,6 +146,8 @@ def worker_spec(
         master_port=free_port(),
         threads_per_rank=max(1, usable_cores() // world_size),
         load_format=load_format,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
     )
 
 

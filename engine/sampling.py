@@ -11,6 +11,7 @@ from PIL import Image
 
 from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from engine.errors import InvalidRequestError
+from engine.loras import LoraRegistry
 from engine.masks import inpainting_mask
 from engine.model_resolver import ResolvedModel
 from workers import GenerationRequest
@@ -46,9 +47,14 @@ def new_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusionSamplingParams) -> GenerationRequest:
-    """Fill unset values from the model's defaults and check every value; InvalidRequestError says what is wrong."""
+def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusionSamplingParams,
+                  adapters: LoraRegistry | None = None) -> GenerationRequest:
+    """Fill unset values from the model's defaults and check every value; InvalidRequestError says what
+    is wrong. `adapters`: the LoRA adapters `params.loras` may name."""
     family = model.family
+    if params.loras and adapters is None:
+        raise InvalidRequestError("no LoRA adapters are loaded", "loras")
+    loras = adapters.resolve(params.loras) if adapters is not None else ()
     if not prompt.prompt.strip():
         raise InvalidRequestError("prompt must not be empty", "prompt")
     if family.is_edit and not prompt.images:
@@ -84,6 +90,7 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         images=prompt.images,
         mask=mask,
         pipeline=pipeline,
+        loras=loras,
     )
 
 

@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 from engine.errors import WorkerGroupDied, WorkerStartupError
 from engine.memory_report import format_size
 from workers import (
+    AdapterCommand,
+    AdapterCommandDone,
     GenerationBatch,
     GenerationFailure,
     GenerationPartial,
@@ -204,6 +206,17 @@ class WorkerGroup:
         self._channels.requests.put(batch)
         return futures
 
+    def control(self, command: AdapterCommand) -> Future:
+        """Run a command on the ranks, in order with the batches; resolved with its AdapterCommandDone."""
+        future = Future()
+        with self._lock:
+            if self.failure is not None:
+                future.set_exception(WorkerGroupDied(self.failure))
+                return future
+            self._pending[command.request_id] = future
+        self._channels.requests.put(command)
+        return future
+
     def cancel(self, request_id: str) -> None:
         """Ask the driver to stop `request_id` at its next denoising step (or skip it if queued)."""
         if self.alive:
@@ -254,7 +267,7 @@ class WorkerGroup:
                         handler(event)
                     except Exception:
                         logger.exception("a partial-image handler failed")
-            if isinstance(event, (GenerationResult, GenerationFailure)):
+            if isinstance(event, (GenerationResult, GenerationFailure, AdapterCommandDone)):
                 with self._lock:
                     future = self._pending.pop(event.request_id, None)
                     self._partial_handlers.pop(event.request_id, None)

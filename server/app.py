@@ -11,8 +11,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine import AsyncEngine, EngineState
 from server.errors import APIError, install_error_handlers
@@ -42,6 +43,20 @@ def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
     else:  # a server that cannot serve should exit, so a supervisor can see and restart it
         logger.error("ditserve could not load %s; shutting down", settings.model)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, description="a folder, a .safetensors file or a hub id")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None  # vLLM sends it; names identify adapters here
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -80,10 +95,27 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": settings.served_model_name, "object": "model", "created": started, "owned_by": "ditserve"}],
-        }
+        """The base model, then each LoRA adapter as a model of its own (vLLM's shape: `parent`, `root`)."""
+        base = {"id": settings.served_model_name, "object": "model", "created": started, "owned_by": "ditserve",
+                "root": settings.model, "parent": None}
+        adapters = [{"id": adapter.name, "object": "model", "created": started, "owned_by": "ditserve",
+                     "root": adapter.path, "parent": settings.served_model_name}
+                    for adapter in engine.loras.adapters.values()]
+        return {"object": "list", "data": [base, *adapters]}
+
+    if settings.enable_lora_loading:
+        @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_api_key)])
+        async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+            if body.lora_name in settings.model_names:
+                raise APIError(400, f"{body.lora_name!r} is the base model's name; give the adapter another",
+                               "lora_name", "invalid_lora_name")
+            await engine.load_lora(body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_api_key)])
+        async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+            await engine.unload_lora(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     store = ImageStore(ttl_s=settings.url_ttl_s)
     app.include_router(images_router(engine, settings, store), dependencies=[Depends(require_api_key)])

@@ -16,10 +16,13 @@ import uvicorn
 
 from configs import OmniDiffusionSamplingParams
 from engine import DEFAULT_MODEL, AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
+from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, parse_lora_modules
 from engine.memory_report import format_report, memory_report
 from engine.parallel_config import DTYPES, LOAD_FORMATS
 from engine.tiny_models import TINY_PREFIX, tiny_model_names, write_tiny_model
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, usable_cores
+
+_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
@@ -128,6 +131,18 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         help="largest accepted image upload, per file (default 20 MiB); larger get 413")
     parser.add_argument("--shutdown-timeout", type=float, default=60.0,
                         help="on SIGTERM, seconds to let admitted requests finish before failing them (default 60)")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters to load at start (a folder, a .safetensors file or a hub id each); a "
+                             "request uses one with \"model\": NAME, several with \"loras\"")
+    parser.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS,
+                        help="LoRA adapters resident on the ranks at once; the least recently used beyond are "
+                             f"dropped and read again on use (default {DEFAULT_MAX_LORAS})")
+    parser.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK,
+                        help=f"adapters of a higher rank are refused (default {DEFAULT_MAX_LORA_RANK})")
+    parser.add_argument("--enable-lora-loading", action="store_true",
+                        default=os.environ.get(_RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
+                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key; "
+                             f"also env {_RUNTIME_LORA_ENV}=true, as in vLLM)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info: one line per request")
     return parser
@@ -171,6 +186,9 @@ def serve_main(argv: list[str] | None = None) -> None:
             max_batch_size=args.max_batch_size,
             request_timeout_s=args.request_timeout,
             startup_timeout_s=args.startup_timeout,
+            lora_modules=parse_lora_modules(args.lora_modules),
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
         ))
         # a bad name fails here, before anything starts
         resolve_model(args.model, configs_only=args.load_format == "dummy")
@@ -183,6 +201,7 @@ def serve_main(argv: list[str] | None = None) -> None:
         port=args.port,
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
+        enable_lora_loading=args.enable_lora_loading,
     )
     app = create_app(engine, settings)
     _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

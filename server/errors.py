@@ -20,6 +20,8 @@ from engine import (
     EngineNotReady,
     GenerationError,
     InvalidRequestError,
+    LoraLoadError,
+    LoraNotFound,
     QueueFull,
     RequestTimedOut,
     WorkerGroupDied,
@@ -69,6 +71,7 @@ class _Mapping:
 
 # Engine errors by type; the first class in an error's MRO that is listed here decides.
 _ENGINE_ERRORS: dict[type[EngineError], _Mapping] = {
+    LoraNotFound: _Mapping(404, "model_not_found"),
     InvalidRequestError: _Mapping(400, "invalid_value"),
     QueueFull: _Mapping(429, "queue_full", retry_after_s=1),
     EngineNotReady: _Mapping(503, "model_not_ready", retry_after_s=5),
@@ -83,7 +86,8 @@ def api_error_for(error: EngineError) -> APIError:
     mapping = next(listed, _Mapping(500, "internal_error"))
     param = getattr(error, "param", None)
     headers = {} if mapping.retry_after_s is None else {"retry-after": str(mapping.retry_after_s)}
-    return APIError(mapping.status, str(error), API_PARAM.get(param, param), mapping.code,
+    code = error.code if isinstance(error, LoraLoadError) else mapping.code
+    return APIError(mapping.status, str(error), API_PARAM.get(param, param), code,
                     retryable=mapping.retry_after_s is not None, headers=headers)
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from engine import AsyncEngine, EngineError, OmniRequestOutput, PartialImage, PromptInput
+from engine import AsyncEngine, EngineError, OmniDiffusionSamplingParams, OmniRequestOutput, PartialImage, PromptInput
 from server.errors import APIError, api_error_for, error_body
 from server.image_codec import encode
 from server.schemas import ImageRequest
@@ -31,11 +31,10 @@ _USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_t
           "total_tokens": 0}
 
 
-def stream_response(engine: AsyncEngine, prompts: list[PromptInput], api_request: ImageRequest, event_prefix: str,
-                    on_done) -> StreamingResponse:
+def stream_response(engine: AsyncEngine, prompts: list[PromptInput], api_request: ImageRequest,
+                    params: OmniDiffusionSamplingParams, event_prefix: str, on_done) -> StreamingResponse:
     """Admit every prompt now (so a bad or unservable request is a plain HTTP error), then stream."""
     events: asyncio.Queue[tuple[int, PartialImage]] = asyncio.Queue()
-    params = api_request.sampling_params()
     admitted = []
     try:
         for index, prompt in enumerate(prompts):

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import StreamingResponse
 
-from engine import AsyncEngine, OmniRequestOutput, PromptInput
+from engine import AsyncEngine, OmniDiffusionSamplingParams, OmniRequestOutput, PromptInput
 from server.errors import APIError, invalid
 from server.image_codec import MEDIA_TYPES, decode_upload, encode
 from server.image_store import ImageStore
@@ -31,11 +31,11 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     async def generations(
         body: ImageGenerationRequest, request: Request, log: RequestLog = Depends(request_log)
     ) -> ImagesResponse:
-        _check_model_and_task(body, engine, settings, edit=False)
+        params = _sampling_params(body, engine, settings, edit=False)
         prompt = PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt)
         if body.stream:
-            return _stream(engine, settings, [prompt], body, log, "image_generation")
-        outputs = await _generate_all(request, engine, settings, [prompt], body, log)
+            return _stream(engine, settings, [prompt], body, params, log, "image_generation")
+        outputs = await _generate_all(request, engine, settings, [prompt], body, params, log)
         return await _response(request, body, outputs, store)
 
     @router.post(
@@ -46,7 +46,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     async def edits(request: Request, log: RequestLog = Depends(request_log)) -> ImagesResponse:
         fields, images, mask = await _multipart(request, settings.max_upload_bytes)
         body = ImageEditRequest.model_validate(fields)
-        _check_model_and_task(body, engine, settings, edit=True)
+        params = _sampling_params(body, engine, settings, edit=True)
         if mask is not None and len(images) > 1:
             raise invalid(f"a mask applies to one image, but {len(images)} images were sent", "mask")
         # The plus family (Qwen-Image-Edit-2509/2511) reads all images as conditions of one result;
@@ -55,8 +55,8 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group, mask=mask)
                    for group in groups]
         if body.stream:
-            return _stream(engine, settings, prompts, body, log, "image_edit")
-        outputs = await _generate_all(request, engine, settings, prompts, body, log)
+            return _stream(engine, settings, prompts, body, params, log, "image_edit")
+        outputs = await _generate_all(request, engine, settings, prompts, body, params, log)
         return await _response(request, body, outputs, store)
 
     return router
@@ -104,24 +104,29 @@ async def _multipart(request: Request, max_bytes: int):
     return fields, images, mask
 
 
-def _check_model_and_task(api_request: ImageRequest, engine: AsyncEngine, settings: ServerSettings, edit: bool) -> None:
-    if api_request.model is not None and api_request.model not in settings.model_names:
-        raise APIError(
-            404, f"model {api_request.model!r} is not served here; available: {settings.served_model_name!r}",
-            "model", "model_not_found",
-        )
+def _sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: ServerSettings,
+                     edit: bool) -> OmniDiffusionSamplingParams:
+    """The engine's parameters, after checking that `model` is served (the base model or a LoRA
+    adapter of it) and fits the endpoint."""
+    model = api_request.model
+    adapter = model if model in engine.loras.adapters else None
+    if model is not None and adapter is None and model not in settings.model_names:
+        served = [settings.served_model_name, *engine.loras.names]
+        raise APIError(404, f"model {model!r} is not served here; available: {served}", "model", "model_not_found")
+    if api_request.lora_scale is not None and adapter is None:
+        raise invalid("lora_scale applies to the LoRA adapter named by model; use loras for others", "lora_scale")
     if engine.model is not None and engine.model.family.is_edit and not edit:
         raise invalid(f"model {settings.served_model_name!r} edits images: use POST /v1/images/edits", "model",
                       "unsupported_endpoint")
+    return api_request.sampling_params(adapter)
 
 
 async def _generate_all(
     request: Request, engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput],
-    api_request: ImageRequest, log: RequestLog,
+    api_request: ImageRequest, params: OmniDiffusionSamplingParams, log: RequestLog,
 ) -> list[OmniRequestOutput]:
     """Run every prompt; if the client goes away first, cancel them (they stop at the next step)."""
     log.add(model=api_request.model or settings.served_model_name, size=api_request.size, n=api_request.n)
-    params = api_request.sampling_params()
     work = asyncio.ensure_future(asyncio.gather(*(engine.generate(prompt, params) for prompt in prompts)))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -137,10 +142,10 @@ async def _generate_all(
 
 
 def _stream(engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput], api_request: ImageRequest,
-            log: RequestLog, event_prefix: str) -> StreamingResponse:
+            params: OmniDiffusionSamplingParams, log: RequestLog, event_prefix: str) -> StreamingResponse:
     log.add(model=api_request.model or settings.served_model_name, size=api_request.size, n=api_request.n,
             stream=True, partial_images=api_request.partial_images or 0)
-    return stream_response(engine, prompts, api_request, event_prefix,
+    return stream_response(engine, prompts, api_request, params, event_prefix,
                            on_done=lambda outputs: _log_outputs(log, outputs))
 
 

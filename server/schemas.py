@@ -6,14 +6,22 @@ Bounds come from the engine's own limits (configs/sampling.py), so the two can n
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from configs import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MAX_OUTPUTS_PER_PROMPT, MAX_PARTIAL_IMAGES, MAX_SEED
-from engine import OmniDiffusionSamplingParams
+from configs import (
+    MAX_GUIDANCE_SCALE,
+    MAX_INFERENCE_STEPS,
+    MAX_LORA_SCALE,
+    MAX_OUTPUTS_PER_PROMPT,
+    MAX_PARTIAL_IMAGES,
+    MAX_SEED,
+)
+from engine import LoraAdapter, OmniDiffusionSamplingParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
@@ -25,6 +33,15 @@ API_PARAM = {"height": "size", "width": "size", **_API_FIELD}
 
 def _unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", "{message}", {"message": message})
+
+
+class LoraField(BaseModel):
+    """One LoRA adapter of a request's `loras`: a name the server lists in /v1/models, and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
 
 
 class ImageRequest(BaseModel):
@@ -54,6 +71,21 @@ class ImageRequest(BaseModel):
     true_cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     strength: float | None = Field(None, ge=0, le=1, description="edits: how far from the input image (0-1; "
                                    "default: the pipeline's, 0.6, or 1.0 for Z-Image inpainting)")
+    lora_scale: float | None = Field(None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
+                                     description="scale of the LoRA adapter named by `model` (default 1.0)")
+    loras: list[LoraField] | None = Field(None, description="LoRA adapters to add, composed additively "
+                                          "(and after the one `model` names)")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_a_form_field(cls, loras: Any) -> Any:
+        """A multipart form sends `loras` as JSON text."""
+        if isinstance(loras, str):
+            try:
+                return json.loads(loras)
+            except json.JSONDecodeError:
+                raise PydanticCustomError("invalid_value", "loras must be a JSON list of {{name, scale}}", {}) from None
+        return loras
 
     @field_validator("size")
     @classmethod
@@ -78,8 +110,9 @@ class ImageRequest(BaseModel):
                 "background='transparent' is not supported: these models produce opaque images; use 'opaque' or 'auto'")
         return background
 
-    def sampling_params(self) -> OmniDiffusionSamplingParams:
-        """The engine's view of this request: every sampling field of the same name, and the size."""
+    def sampling_params(self, model_adapter: str | None = None) -> OmniDiffusionSamplingParams:
+        """The engine's view of this request: every sampling field of the same name, and the size.
+        `model_adapter`: the LoRA adapter `model` names, if it names one (it goes first, at lora_scale)."""
         values: dict[str, Any] = {}
         match = _SIZE.match(self.size or "")
         if match:
@@ -90,6 +123,10 @@ class ImageRequest(BaseModel):
                 values[field.name] = getattr(self, api_name)
         if not self.stream:
             values["partial_images"] = None  # previews only travel in a stream
+        loras = [LoraAdapter(lora.name, lora.scale) for lora in self.loras or ()]
+        if model_adapter is not None:
+            loras.insert(0, LoraAdapter(model_adapter, 1.0 if self.lora_scale is None else self.lora_scale))
+        values["loras"] = loras or None
         return OmniDiffusionSamplingParams(**values)
 
 

@@ -89,17 +89,24 @@ def edit_mask(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(mask, mode="L")
 
 
-def reference_image(path: Path, family: str, height: int, width: int, edit: str | None = None) -> Image.Image:
+def reference_image(path: Path, family: str, height: int, width: int, edit: str | None = None,
+                    loras: tuple[tuple[Path, float], ...] = ()) -> Image.Image:
     """REFERENCE_PROMPT at the family's defaults, written out by hand against diffusers' own API
     (computed once per test process: many layouts compare against the same image). `edit`:
     "image-to-image" or "inpaint" with the family's pipeline for it (diffusers' from_pipe), on
-    condition_image((width, height)) and edit_mask."""
-    return _reference_image(path, family, height, width, edit).copy()
+    condition_image((width, height)) and edit_mask. `loras`: (adapter folder, scale) pairs, loaded
+    with diffusers' load_lora_weights and made active with set_adapters."""
+    return _reference_image(path, family, height, width, edit, loras).copy()
 
 
 @functools.cache
-def _reference_image(path: Path, family: str, height: int, width: int, edit: str | None) -> Image.Image:
+def _reference_image(path: Path, family: str, height: int, width: int, edit: str | None,
+                     loras: tuple[tuple[Path, float], ...]) -> Image.Image:
     pipeline = load_plain_pipeline(path)
+    for index, (adapter, _) in enumerate(loras):
+        pipeline.load_lora_weights(str(adapter), adapter_name=f"adapter{index}")
+    if loras:
+        pipeline.set_adapters([f"adapter{i}" for i in range(len(loras))], [scale for _, scale in loras])
     if edit is not None:
         pipeline = getattr(diffusers, load_family(family).edit_pipelines[edit]).from_pipe(pipeline)
     arguments = dict(

@@ -1,6 +1,8 @@
 """Rank processes: one per device; rank 0 drives the diffusers pipeline, the others follow."""
 
 from workers.messages import (
+    AdapterCommand,
+    AdapterCommandDone,
     FailureKind,
     GenerationBatch,
     GenerationFailure,
@@ -15,6 +17,8 @@ from workers.messages import (
 )
 
 __all__ = [
+    "AdapterCommand",
+    "AdapterCommandDone",
     "FailureKind",
     "GenerationBatch",
     "GenerationFailure",

@@ -4,7 +4,8 @@ The driver sends (command, (module name, calls, exchange)) as one pickled object
 with a real broadcast (NCCL or gloo): `calls` holds one (args, kwargs) per CFG group (a text
 encoder's forward pre-hook sends one; the DiT's dispatcher, cfg_parallel, one or two), so followers
 run the same sharded forward on the same inputs. Every decision (next step, stop) is taken on the
-driver and arrives as a command.
+driver and arrives as a command, LoRA adapter changes too (ADAPTERS: put, drop, activate; see
+workers/lora.py).
 
 Collectives have a timeout, so followers must never wait in one for long: between batches (and
 while rank 0 is still loading) they wait on a doorbell, a plain queue with no timeout, which the
@@ -24,7 +25,7 @@ from torch import nn
 
 from workers import parallel_state
 
-FORWARD, IDLE, STOP = "forward", "idle", "stop"
+FORWARD, ADAPTERS, IDLE, STOP = "forward", "adapters", "idle", "stop"
 _DOORBELL_POLL_S = 1.0
 
 
@@ -133,7 +134,7 @@ def _wait_for_the_doorbell(doorbell, engine_alive: Callable[[], bool]) -> bool:
 def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_alive: Callable[[], bool]) -> None:
     """Follower loop: after each ring, run every broadcast forward with the named handler until the
     driver says idle (wait for the next ring) or stop. A rank without a handler for a name (a text
-    encoder it does not hold) only receives the call."""
+    encoder it does not hold) only receives the call. handlers[ADAPTERS] takes adapter commands."""
     while _wait_for_the_doorbell(doorbell, engine_alive):
         while True:
             command, tree = receive()
@@ -141,6 +142,9 @@ def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_al
                 return
             if command == IDLE:
                 break
+            if command == ADAPTERS:
+                handlers[ADAPTERS](tree)
+                continue
             name, calls, exchange = tree
             if name in handlers:
                 handlers[name](calls, exchange)

@@ -70,6 +70,8 @@ class WorkerSpec:
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
+    max_loras: int = 4  # LoRA adapters resident on the ranks at once (least recently used dropped beyond)
+    max_lora_rank: int = 128  # adapters of a higher rank are refused
 
     @property
     def world_size(self) -> int:
@@ -98,6 +100,7 @@ class GenerationRequest:
     images: list[Image.Image] = field(default_factory=list)
     mask: Image.Image | None = None  # "L", white = change; same size as images[0]
     pipeline: str = "main"  # the family's loaded pipeline, or one of its edit_pipelines (image-to-image, inpaint)
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), added in this order
 
     @property
     def image_seeds(self) -> list[int]:
@@ -109,6 +112,26 @@ class GenerationBatch:
     """Requests with equal SamplingParams (and negative-prompt presence) that run as one call."""
 
     requests: list[GenerationRequest]
+
+
+@dataclass
+class AdapterCommand:
+    """Load (from `path`) or unload a LoRA adapter on every rank; answered by AdapterCommandDone."""
+
+    request_id: str
+    action: str  # "load" or "unload"
+    name: str
+    path: str | None = None
+
+
+@dataclass
+class AdapterCommandDone:
+    request_id: str
+    error: str | None = None  # why it failed; None: done
+    error_code: str | None = None  # e.g. "lora_rank_too_high", "invalid_lora_adapter"
+    rank: int = 0  # a loaded adapter's highest rank
+    components: tuple[str, ...] = ()  # what it adapts
+    driver_bytes: int = 0  # what rank 0 holds of it
 
 
 @dataclass

@@ -84,9 +84,13 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output_width = gather_output_width
         self.weight = _parameter((self.out_features, in_features), slices, **factory)
         self.bias = _parameter((self.out_features,), slices, **factory) if bias else None
+        self.adapters = None  # a workers.lora.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _gathered_if_asked(F.linear(x, self.weight, self.bias), self.weight, self.gather_output_width)
+        local = F.linear(x, self.weight, self.bias)
+        if self.adapters is not None:
+            local = self.adapters(x, local)
+        return _gathered_if_asked(local, self.weight, self.gather_output_width)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
@@ -127,9 +131,13 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = slices.width, out_features
         self.weight = _parameter((out_features, self.in_features), slices, **factory)
         self.bias = _parameter((out_features,), None, **factory) if bias else None
+        self.adapters = None  # a workers.lora.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = parallel_state.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        if self.adapters is not None:  # this rank's share of B A x joins the same all-reduce
+            partial = self.adapters(x, partial)
+        y = parallel_state.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

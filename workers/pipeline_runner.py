@@ -12,6 +12,7 @@ import torch
 
 from configs import load_family
 from configs.families import FamilyConfig, PreviewPlan
+from workers.adapter_library import AdapterLibrary
 from workers.cfg_parallel import CfgDispatcher
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
 from workers.partial_previews import PreviewDecoder, preview_steps
@@ -44,9 +45,10 @@ class PipelineRunner:
     arguments the pipeline's __call__ accepts."""
 
     def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None,
-                 family: FamilyConfig | None = None):
+                 family: FamilyConfig | None = None, adapters: AdapterLibrary | None = None):
         self.pipeline = pipeline
         self.dispatcher = dispatcher
+        self.adapters = adapters
         self.previews = PreviewDecoder(pipeline, family.preview if family else PreviewPlan())
         self._edit_classes = family.edit_pipelines if family else {}
         self._pipelines = {"main": pipeline}
@@ -118,6 +120,8 @@ class PipelineRunner:
 
         arguments = self.call_arguments(batch)
         first = batch.requests[0]
+        if self.adapters is not None:  # a batch's requests share their adapters (engine.batching)
+            self.adapters.activate(first.loras)
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
                                                                    first.negative_prompt))

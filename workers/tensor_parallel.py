@@ -158,6 +158,7 @@ def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size
             matched[rule.pattern] += 1
             size = _output_width(module) if rule.style.startswith("colwise") else module.in_features
             replaced[id(module)] = _sharded(module, rule, planner.ranges(rule, name, size))
+            replaced[id(module)].full_shape = tuple(module.weight.shape)  # what a LoRA adapter of it is shaped for
             _replace(model, name, replaced[id(module)])
             continue
         attention = next((a for a in plan.attention if fnmatch.fnmatchcase(name, a.pattern)), None)

@@ -24,8 +24,12 @@ import transformers
 
 from configs import load_family
 from workers import forward_broadcast, parallel_state
+from workers.adapter_library import AdapterLibrary, apply_command
 from workers.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.lora import AdapterError, AdapterStore
 from workers.messages import (
+    AdapterCommand,
+    AdapterCommandDone,
     FailureKind,
     GenerationBatch,
     GenerationFailure,
@@ -59,8 +63,12 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
                 for name in shard_load_s.keys() - {"transformer"}:
                     forward_broadcast.install_driver_hook(name, shards[name])
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
-            runner = PipelineRunner(load_pipeline(spec, **shards), dispatcher, family)
-            components = runner.pipeline.components
+            pipeline = load_pipeline(spec, **shards)
+            components = pipeline.components
+            store = AdapterStore(components, getattr(torch, spec.dtype))
+            adapters = AdapterLibrary(store, type(pipeline), store.components, spec.max_loras, spec.max_lora_rank,
+                                      broadcast=spec.world_size > 1)
+            runner = PipelineRunner(pipeline, dispatcher, family, adapters)
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
@@ -74,6 +82,8 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     else:
         text_encoders = {name: module for name, module in shards.items() if name != "transformer"}
         handlers = follower_handlers("transformer", executor, text_encoders)
+        store = AdapterStore(shards, getattr(torch, spec.dtype))
+        handlers[forward_broadcast.ADAPTERS] = lambda command: apply_command(store, command)
         forward_broadcast.follow(handlers, channels.doorbells[rank - 1], _parent_alive)
     parallel_state.shutdown()
 
@@ -135,6 +145,21 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
+def _adapter_command(adapters: AdapterLibrary, command: AdapterCommand) -> AdapterCommandDone:
+    try:
+        if command.action == "unload":
+            adapters.unload(command.name)
+            return AdapterCommandDone(command.request_id)
+        info = adapters.load(command.name, command.path)
+    except AdapterError as exc:
+        return AdapterCommandDone(command.request_id, str(exc), exc.code)
+    except Exception as exc:  # noqa: BLE001 - the driver keeps serving; the caller gets the reason
+        logger.exception("LoRA adapter %s failed", command.action)
+        return AdapterCommandDone(command.request_id, f"{type(exc).__name__}: {exc}", "lora_load_failed")
+    return AdapterCommandDone(command.request_id, rank=info.rank, components=info.components,
+                              driver_bytes=info.driver_bytes)
+
+
 class CancelledIds:
     """Request ids the engine cancelled, read from its queue without blocking.
 
@@ -176,6 +201,12 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
             continue
         if batch is None:
             return
+        if isinstance(batch, AdapterCommand):
+            forward_broadcast.ring(channels.doorbells)
+            events.put(_adapter_command(runner.adapters, batch))
+            if channels.doorbells:
+                forward_broadcast.send(forward_broadcast.IDLE)
+            continue
         live = []
         for request in batch.requests:
             if request.request_id in cancelled:

@@ -1,0 +1,125 @@
+"""The LoRA adapters an engine serves: loading them on a worker group, and checking what requests ask for.
+
+Adapters are named when loaded (`--lora-modules name=path`, `POST /v1/load_lora_adapter`,
+`Omni(lora_modules=...)`) and requests ask for them by name, with a scale. The ranks hold the
+weights (workers/lora.py); this registry holds the names, so a request for an unknown adapter is
+refused before it waits in the queue, and a restarted worker group gets the same adapters back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping
+
+from configs import MAX_LORA_SCALE, LoraAdapter
+from engine.errors import InvalidRequestError, LoraLoadError, LoraNotFound
+from engine.worker_group import WorkerGroup
+from workers import AdapterCommand, AdapterCommandDone, WorkerSpec
+
+DEFAULT_MAX_LORAS = WorkerSpec.max_loras
+DEFAULT_MAX_LORA_RANK = WorkerSpec.max_lora_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    path: str
+    rank: int
+    components: tuple[str, ...]  # what it adapts: "transformer", "text_encoder", ...
+    driver_bytes: int  # what rank 0 holds of it
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """`name=path` items (the command line's --lora-modules) as {name: path}."""
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes name=path items, got {item!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return modules
+
+
+class LoraRegistry:
+    def __init__(self, max_loras: int, reserved_names: set[str] = frozenset()):
+        if max_loras < 1:
+            raise ValueError(f"max_loras={max_loras} must be at least 1")
+        self.max_loras = max_loras
+        self.reserved_names = reserved_names  # the base model's own names
+        self.adapters: dict[str, LoadedAdapter] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def load(self, group: WorkerGroup, name: str, path: str) -> LoadedAdapter:
+        """Blocking: read and place the adapter on every rank; LoraLoadError says why not."""
+        if name in self.reserved_names:
+            raise LoraLoadError(f"{name!r} is the base model's name; give the adapter another", "invalid_lora_name")
+        if name in self.adapters:
+            raise LoraLoadError(f"a LoRA adapter named {name!r} is already loaded", "lora_already_loaded")
+        done = self._run(group, AdapterCommand(str(uuid.uuid4()), "load", name, path))
+        if done.error is not None:
+            raise LoraLoadError(done.error, done.error_code)
+        adapter = LoadedAdapter(name, path, done.rank, done.components, done.driver_bytes)
+        self.adapters[name] = adapter
+        return adapter
+
+    def unload(self, group: WorkerGroup, name: str) -> None:
+        if name not in self.adapters:
+            raise LoraNotFound(f"no LoRA adapter named {name!r} is loaded; loaded: {self.names}", "lora_name")
+        done = self._run(group, AdapterCommand(str(uuid.uuid4()), "unload", name))
+        if done.error is not None:
+            raise LoraLoadError(done.error, done.error_code)
+        del self.adapters[name]
+
+    def load_all(self, group: WorkerGroup, modules: Mapping[str, str]) -> None:
+        """Load each; a failure names the adapter (a start-up or restart error)."""
+        for name, path in modules.items():
+            try:
+                self.load(group, name, path)
+            except LoraLoadError as exc:
+                raise LoraLoadError(f"LoRA adapter {name}={path}: {exc}", exc.code) from None
+
+    def reload_into(self, group: WorkerGroup) -> None:
+        """After a restart: the same adapters, from the same files."""
+        loaded, self.adapters = self.adapters, {}
+        self.load_all(group, {name: adapter.path for name, adapter in loaded.items()})
+
+    def resolve(self, asked: list | None) -> tuple[tuple[str, float], ...]:
+        """What a request's `loras` asks for, as (name, scale) pairs the ranks run; raises LoraNotFound
+        for a name that is not loaded and InvalidRequestError for a bad scale or too many adapters."""
+        pairs = tuple(_as_pair(item) for item in asked or ())
+        names = [name for name, _ in pairs]
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown:
+            raise LoraNotFound(f"LoRA adapter {unknown[0]!r} is not loaded; served: {self.names or 'none'}", "model")
+        if len(set(names)) < len(names):
+            raise InvalidRequestError(f"loras names an adapter twice: {names}", "loras")
+        if len(pairs) > self.max_loras:
+            raise InvalidRequestError(
+                f"a request may use at most max_loras={self.max_loras} adapters at once; it asked for {len(pairs)}",
+                "loras")
+        for name, scale in pairs:
+            if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+                raise InvalidRequestError(f"scale={scale} of LoRA adapter {name!r} must be between "
+                                          f"{-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}", "lora_scale")
+        return tuple(pair for pair in pairs if pair[1] != 0)
+
+    @staticmethod
+    def _run(group: WorkerGroup, command: AdapterCommand) -> AdapterCommandDone:
+        return group.control(command).result()
+
+
+def _as_pair(item) -> tuple[str, float]:
+    """A LoraAdapter, {"name", "scale"} or a bare name."""
+    if isinstance(item, str):
+        return item, 1.0
+    if isinstance(item, Mapping):
+        item = LoraAdapter(**item)
+    if not isinstance(item, LoraAdapter) or not isinstance(item.name, str):
+        raise InvalidRequestError(f"loras items are LoraAdapter(name, scale), got {item!r:.80}", "loras")
+    return item.name, float(item.scale)
