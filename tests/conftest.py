@@ -11,10 +11,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+from engine.tiny_adapters import build_random_adapter  # noqa: E402
 from engine.tiny_models import cached_tiny_model  # noqa: E402
+
+TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
 
 
 @pytest.fixture(scope="session")
 def tiny_dir():
     """tiny_dir("flux") -> the cached tiny checkpoint folder, built once per session."""
     return lambda family: cached_tiny_model(f"tiny/{family}")
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory):
+    """adapters("flux") -> {"a": folder, "b": folder}: random LoRA adapters in diffusers' format, built
+    once per session. "a": rank 4, alpha 8 saved in its config, DiT blocks plus the first text encoder
+    where the family loads text-encoder LoRA; "b": rank 2, no saved config (alpha = rank), DiT only."""
+    built: dict[str, dict] = {}
+
+    def for_family(family: str) -> dict:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"lora-{family}")
+            built[family] = {
+                "a": build_random_adapter(f"tiny/{family}", folder / "a", rank=4, seed=1, alpha=8,
+                                          text_encoder=family in TEXT_ENCODER_LORA),
+                "b": build_random_adapter(f"tiny/{family}", folder / "b", rank=2, seed=2),
+            }
+        return built[family]
+    return for_family

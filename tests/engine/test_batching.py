@@ -111,3 +111,13 @@ def test_a_timed_out_request_stops_at_the_next_step_and_frees_the_worker():
     # Had the slow request kept the worker, the quick one would have timed out behind it.
     assert quick.images[0].size == (64, 64)
     assert waited < TIMEOUT_S and quick.timings["queue_s"] < TIMEOUT_S
+
+
+def test_requests_share_a_call_only_with_the_same_adapters_and_scales():
+    def with_loras(name: str, loras) -> Item:
+        request = item(name).request
+        return Item(dataclasses.replace(request, loras=loras))
+
+    waiting = [with_loras("a", (("x", 1.0),)), with_loras("b", ()), with_loras("c", (("x", 0.5),)),
+               with_loras("d", (("x", 1.0),))]
+    assert names(take_batch(waiting, max_images=8)) == ["a", "d"]
