@@ -49,7 +49,9 @@ def test_adapters_match_diffusers(tiny_dir, adapters, family, tp):
     prompt = {"prompt": REFERENCE_PROMPT}
     if condition_images(family):
         prompt["multi_modal_data"] = {"image": condition_images(family)}
-    sequence = SEQUENCES[tp] if family != "qwen-image-edit-plus" else [(("a", 1.0), ("b", 1.5))]
+    sequence = SEQUENCES[tp]
+    if family.startswith("qwen-image-edit"):  # ~4 s a request (1 MP VAE encodes): fewer, same coverage
+        sequence = [(("a", 1.0), ("b", 1.5))] if family.endswith("plus") else sequence[::3]
     base = reference_image(tiny_dir(family), family, height, width)
     with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tp),
               lora_modules={name: str(path) for name, path in paths.items()}) as omni:
