@@ -34,7 +34,9 @@ class SamplingValueError(ValueError):
 @dataclass(frozen=True)
 class LoraAdapter:
     """One LoRA adapter a request runs with, by the name it was loaded under; scale multiplies its
-    update (1.0: as trained; 0: off; negative: away from it)."""
+    update (1.0: as trained; 0: off; negative: away from it). Also the HTTP API's `loras` items."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     name: str
     scale: float = 1.0

@@ -22,7 +22,7 @@ from PIL import Image
 from configs import OmniDiffusionSamplingParams
 from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
-from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoadedAdapter, LoraRegistry
+from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraRegistry
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
@@ -30,6 +30,7 @@ from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
 from workers import (
+    AdapterInfo,
     GenerationBatch,
     GenerationFailure,
     GenerationPartial,
@@ -181,7 +182,7 @@ class AsyncEngine:
         request = pending.request
         return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
 
-    async def load_lora(self, name: str, path: str) -> LoadedAdapter:
+    async def load_lora(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter on every rank (after the batch that runs now); LoraLoadError says why not."""
         if not self.healthy:
             raise EngineNotReady(self.not_ready_reason())
@@ -289,7 +290,7 @@ class AsyncEngine:
                 self.loras.load_all(group, config.lora_modules)
             else:  # a restart: what was loaded before, from the same files
                 self.loras.reload_into(group)
-            if self.config.warm_up:
+            if config.warm_up:
                 self._warm_up(model, group)
         except BaseException:
             group.close()

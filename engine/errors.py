@@ -27,8 +27,8 @@ class LoraNotFound(InvalidRequestError):
 class LoraLoadError(InvalidRequestError):
     """A LoRA adapter could not be loaded; `code` says why ("lora_rank_too_high", "invalid_lora_adapter", ...)."""
 
-    def __init__(self, message: str, code: str):
-        super().__init__(message, "lora_path")
+    def __init__(self, message: str, code: str, param: str = "lora_path"):
+        super().__init__(message, param)
         self.code = code
 
 

@@ -8,26 +8,16 @@ refused before it waits in the queue, and a restarted worker group gets the same
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Mapping
 
 from configs import MAX_LORA_SCALE, LoraAdapter
 from engine.errors import InvalidRequestError, LoraLoadError, LoraNotFound
 from engine.worker_group import WorkerGroup
-from workers import AdapterCommand, AdapterCommandDone, WorkerSpec
+from workers import AdapterCommand, AdapterCommandDone, AdapterInfo, WorkerSpec
 
 DEFAULT_MAX_LORAS = WorkerSpec.max_loras
 DEFAULT_MAX_LORA_RANK = WorkerSpec.max_lora_rank
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedAdapter:
-    name: str
-    path: str
-    rank: int
-    components: tuple[str, ...]  # what it adapts: "transformer", "text_encoder", ...
-    driver_bytes: int  # what rank 0 holds of it
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:
@@ -48,25 +38,25 @@ class LoraRegistry:
         if max_loras < 1:
             raise ValueError(f"max_loras={max_loras} must be at least 1")
         self.max_loras = max_loras
-        self.reserved_names = reserved_names  # the base model's own names
-        self.adapters: dict[str, LoadedAdapter] = {}
+        self.reserved_names = set(reserved_names)  # the base model's own names (the server adds its served name)
+        self.adapters: dict[str, AdapterInfo] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
 
-    def load(self, group: WorkerGroup, name: str, path: str) -> LoadedAdapter:
+    def load(self, group: WorkerGroup, name: str, path: str) -> AdapterInfo:
         """Blocking: read and place the adapter on every rank; LoraLoadError says why not."""
         if name in self.reserved_names:
-            raise LoraLoadError(f"{name!r} is the base model's name; give the adapter another", "invalid_lora_name")
+            raise LoraLoadError(f"{name!r} is the base model's name; give the adapter another", "invalid_lora_name",
+                                "lora_name")
         if name in self.adapters:
-            raise LoraLoadError(f"a LoRA adapter named {name!r} is already loaded", "lora_already_loaded")
+            raise LoraLoadError(f"a LoRA adapter named {name!r} is already loaded", "lora_already_loaded", "lora_name")
         done = self._run(group, AdapterCommand(str(uuid.uuid4()), "load", name, path))
         if done.error is not None:
             raise LoraLoadError(done.error, done.error_code)
-        adapter = LoadedAdapter(name, path, done.rank, done.components, done.driver_bytes)
-        self.adapters[name] = adapter
-        return adapter
+        self.adapters[name] = done.adapter
+        return done.adapter
 
     def unload(self, group: WorkerGroup, name: str) -> None:
         if name not in self.adapters:
@@ -106,7 +96,7 @@ class LoraRegistry:
         for name, scale in pairs:
             if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
                 raise InvalidRequestError(f"scale={scale} of LoRA adapter {name!r} must be between "
-                                          f"{-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}", "lora_scale")
+                                          f"{-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}", "loras")
         return tuple(pair for pair in pairs if pair[1] != 0)
 
     @staticmethod
@@ -118,7 +108,7 @@ def _as_pair(item) -> tuple[str, float]:
     """A LoraAdapter, {"name", "scale"} or a bare name."""
     if isinstance(item, str):
         return item, 1.0
-    if isinstance(item, Mapping):
+    if isinstance(item, Mapping) and "name" in item and set(item) <= {"name", "scale"}:
         item = LoraAdapter(**item)
     if not isinstance(item, LoraAdapter) or not isinstance(item.name, str):
         raise InvalidRequestError(f"loras items are LoraAdapter(name, scale), got {item!r:.80}", "loras")

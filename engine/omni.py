@@ -8,13 +8,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from configs import OmniDiffusionSamplingParams
-from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoadedAdapter, LoraRegistry
+from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraRegistry
 from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
-from workers import GenerationBatch, GenerationPartial, GenerationRequest
+from workers import AdapterInfo, GenerationBatch, GenerationPartial, GenerationRequest
 
 
 class Omni:
@@ -51,7 +51,7 @@ class Omni:
             self._group.close()
             raise
 
-    def load_lora(self, name: str, path: str) -> LoadedAdapter:
+    def load_lora(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter (a folder, a .safetensors file or a hub id) under `name`; raises
         LoraLoadError when it does not fit the model."""
         return self.loras.load(self._group, name, path)

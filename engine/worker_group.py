@@ -193,29 +193,26 @@ class WorkerGroup:
                on_partial: dict[str, Callable[[GenerationPartial], None]] | None = None) -> list[Future]:
         """One Future per request of the batch, resolved with its GenerationResult or GenerationFailure.
         `on_partial`: request id -> called (on the reader thread) with each preview of that request."""
-        futures = [Future() for _ in batch.requests]
+        return self._send(batch, [request.request_id for request in batch.requests], on_partial or {})
+
+    def control(self, command: AdapterCommand) -> Future:
+        """Run a command on the ranks, in order with the batches; resolved with its AdapterCommandDone."""
+        return self._send(command, [command.request_id], {})[0]
+
+    def _send(self, item: GenerationBatch | AdapterCommand, ids: list[str],
+              on_partial: dict[str, Callable[[GenerationPartial], None]]) -> list[Future]:
+        """Queue `item` for the driver with one Future per id, or fail them at once if the group is dead."""
+        futures = [Future() for _ in ids]
         with self._lock:
             reason = self.failure
             if reason is not None:
                 for future in futures:
                     future.set_exception(WorkerGroupDied(reason))
                 return futures
-            for request, future in zip(batch.requests, futures):
-                self._pending[request.request_id] = future
-            self._partial_handlers.update(on_partial or {})
-        self._channels.requests.put(batch)
+            self._pending.update(zip(ids, futures))
+            self._partial_handlers.update(on_partial)
+        self._channels.requests.put(item)
         return futures
-
-    def control(self, command: AdapterCommand) -> Future:
-        """Run a command on the ranks, in order with the batches; resolved with its AdapterCommandDone."""
-        future = Future()
-        with self._lock:
-            if self.failure is not None:
-                future.set_exception(WorkerGroupDied(self.failure))
-                return future
-            self._pending[command.request_id] = future
-        self._channels.requests.put(command)
-        return future
 
     def cancel(self, request_id: str) -> None:
         """Ask the driver to stop `request_id` at its next denoising step (or skip it if queued)."""

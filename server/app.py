@@ -66,6 +66,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         yield
         await engine.shutdown()
 
+    engine.loras.reserved_names |= settings.model_names  # an adapter may not take a name the base model answers to
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestRecorder, metrics=engine.metrics)
@@ -106,9 +107,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     if settings.enable_lora_loading:
         @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_api_key)])
         async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
-            if body.lora_name in settings.model_names:
-                raise APIError(400, f"{body.lora_name!r} is the base model's name; give the adapter another",
-                               "lora_name", "invalid_lora_name")
             await engine.load_lora(body.lora_name, body.lora_path)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

@@ -35,15 +35,6 @@ def _unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", "{message}", {"message": message})
 
 
-class LoraField(BaseModel):
-    """One LoRA adapter of a request's `loras`: a name the server lists in /v1/models, and its scale."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
-
-
 class ImageRequest(BaseModel):
     """Fields shared by generations and edits. Unknown fields are rejected, as OpenAI does."""
 
@@ -73,8 +64,8 @@ class ImageRequest(BaseModel):
                                    "default: the pipeline's, 0.6, or 1.0 for Z-Image inpainting)")
     lora_scale: float | None = Field(None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
                                      description="scale of the LoRA adapter named by `model` (default 1.0)")
-    loras: list[LoraField] | None = Field(None, description="LoRA adapters to add, composed additively "
-                                          "(and after the one `model` names)")
+    loras: list[LoraAdapter] | None = Field(None, description="LoRA adapters ({name, scale}) to add, composed "
+                                            "additively (after the one `model` names)")
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -123,7 +114,7 @@ class ImageRequest(BaseModel):
                 values[field.name] = getattr(self, api_name)
         if not self.stream:
             values["partial_images"] = None  # previews only travel in a stream
-        loras = [LoraAdapter(lora.name, lora.scale) for lora in self.loras or ()]
+        loras = list(self.loras or ())
         if model_adapter is not None:
             loras.insert(0, LoraAdapter(model_adapter, 1.0 if self.lora_scale is None else self.lora_scale))
         values["loras"] = loras or None

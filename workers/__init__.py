@@ -3,6 +3,7 @@
 from workers.messages import (
     AdapterCommand,
     AdapterCommandDone,
+    AdapterInfo,
     FailureKind,
     GenerationBatch,
     GenerationFailure,
@@ -19,6 +20,7 @@ from workers.messages import (
 __all__ = [
     "AdapterCommand",
     "AdapterCommandDone",
+    "AdapterInfo",
     "FailureKind",
     "GenerationBatch",
     "GenerationFailure",

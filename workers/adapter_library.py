@@ -11,30 +11,18 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
-
-from torch import nn
 
 from workers import forward_broadcast
 from workers.lora import Active, AdapterError, AdapterStore, LowRank, ModuleKey, read_adapter
+from workers.messages import AdapterInfo
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    path: str
-    rank: int  # the highest rank of its layers
-    components: tuple[str, ...]  # the pipeline components it adapts, e.g. ("transformer", "text_encoder")
-    driver_bytes: int  # what the driver rank holds of it
-
-
 class AdapterLibrary:
-    def __init__(self, store: AdapterStore, pipeline_class: type, components: dict[str, nn.Module],
-                 max_loras: int, max_rank: int, broadcast: bool):
+    def __init__(self, store: AdapterStore, pipeline_class: type, max_loras: int, max_rank: int, broadcast: bool):
         self.store = store
-        self._pipeline_class, self._components = pipeline_class, components
+        self._pipeline_class = pipeline_class
         self.max_loras, self.max_rank = max_loras, max_rank
         self._broadcast = broadcast
         self.registered: dict[str, str] = {}  # name -> path
@@ -77,7 +65,7 @@ class AdapterLibrary:
             self._send(("activate", active))
 
     def _read(self, path: str) -> dict[ModuleKey, LowRank]:
-        return read_adapter(path, self._pipeline_class, self._components, self.max_rank)
+        return read_adapter(path, self._pipeline_class, self.store.components, self.max_rank)
 
     def _make_room(self, keep: tuple[str, ...]) -> None:
         for name in list(self._recent):

@@ -124,14 +124,23 @@ class AdapterCommand:
     path: str | None = None
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded LoRA adapter, as the driver read it."""
+
+    name: str
+    path: str
+    rank: int  # the highest rank of its layers
+    components: tuple[str, ...]  # the pipeline components it adapts, e.g. ("text_encoder", "transformer")
+    driver_bytes: int  # what rank 0 holds of it
+
+
 @dataclass
 class AdapterCommandDone:
     request_id: str
+    adapter: AdapterInfo | None = None  # what a load loaded
     error: str | None = None  # why it failed; None: done
     error_code: str | None = None  # e.g. "lora_rank_too_high", "invalid_lora_adapter"
-    rank: int = 0  # a loaded adapter's highest rank
-    components: tuple[str, ...] = ()  # what it adapts
-    driver_bytes: int = 0  # what rank 0 holds of it
 
 
 @dataclass

@@ -66,7 +66,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
             pipeline = load_pipeline(spec, **shards)
             components = pipeline.components
             store = AdapterStore(components, getattr(torch, spec.dtype))
-            adapters = AdapterLibrary(store, type(pipeline), store.components, spec.max_loras, spec.max_lora_rank,
+            adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
                                       broadcast=spec.world_size > 1)
             runner = PipelineRunner(pipeline, dispatcher, family, adapters)
     except BaseException:
@@ -150,14 +150,14 @@ def _adapter_command(adapters: AdapterLibrary, command: AdapterCommand) -> Adapt
         if command.action == "unload":
             adapters.unload(command.name)
             return AdapterCommandDone(command.request_id)
-        info = adapters.load(command.name, command.path)
+        adapter = adapters.load(command.name, command.path)
     except AdapterError as exc:
-        return AdapterCommandDone(command.request_id, str(exc), exc.code)
+        return AdapterCommandDone(command.request_id, error=str(exc), error_code=exc.code)
     except Exception as exc:  # noqa: BLE001 - the driver keeps serving; the caller gets the reason
         logger.exception("LoRA adapter %s failed", command.action)
-        return AdapterCommandDone(command.request_id, f"{type(exc).__name__}: {exc}", "lora_load_failed")
-    return AdapterCommandDone(command.request_id, rank=info.rank, components=info.components,
-                              driver_bytes=info.driver_bytes)
+        return AdapterCommandDone(command.request_id, error=f"{type(exc).__name__}: {exc}",
+                                  error_code="lora_load_failed")
+    return AdapterCommandDone(command.request_id, adapter)
 
 
 class CancelledIds:

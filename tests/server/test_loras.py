@@ -73,6 +73,10 @@ def test_adapters_load_and_unload_at_runtime(lora_server, adapters, tmp_path):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_lora_adapter"
     response = httpx.post(f"{url}/v1/load_lora_adapter",
+                          json={"lora_name": "tiny/z-image", "lora_path": str(adapters("z-image")["b"])})
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("invalid_lora_name", "lora_name")
+    response = httpx.post(f"{url}/v1/load_lora_adapter",
                           json={"lora_name": "c", "lora_path": str(adapters("z-image")["b"])})
     assert response.status_code == 200, response.text
     assert _generate(lora_server, "c", num_inference_steps=2).size == (96, 64)
