@@ -63,8 +63,10 @@ class AdapterSlot:
         self.active: list[tuple[LowRank, float]] = []
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # y is the layer's own fresh output: added to in place, the scale applied on the rank-wide
+        # intermediate, so an adapter allocates nothing output-sized.
         for pair, scale in self.active:
-            y = y + F.linear(F.linear(x, pair.down), pair.up) * scale
+            y.add_(F.linear(F.linear(x, pair.down).mul_(scale), pair.up))
         return y
 
 
