@@ -3,7 +3,7 @@
 VENV       ?= .venv
 PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
-MODEL      ?= tiny/z-image
+MODEL      ?= builtin/shapes
 PORT       ?= 8091
 TP         ?= 1
 BIN        := $(VENV)/bin

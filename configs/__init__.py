@@ -6,6 +6,7 @@ Every layer may read this package; it imports nothing from server/, engine/ or w
 from configs.families import (
     AttentionRule,
     BufferRule,
+    BuiltinModel,
     FamilyConfig,
     HeadLayout,
     LayerRule,
@@ -14,6 +15,7 @@ from configs.families import (
     TinyRecipe,
     family_for_pipeline_class,
     load_all_families,
+    load_builtin_models,
     load_family,
     load_published_models,
     load_text_encoder_plans,
@@ -34,6 +36,7 @@ from configs.sampling import (
 __all__ = [
     "AttentionRule",
     "BufferRule",
+    "BuiltinModel",
     "FamilyConfig",
     "HeadLayout",
     "LayerRule",
@@ -52,6 +55,7 @@ __all__ = [
     "TinyRecipe",
     "family_for_pipeline_class",
     "load_all_families",
+    "load_builtin_models",
     "load_family",
     "load_published_models",
     "load_text_encoder_plans",

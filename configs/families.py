@@ -170,7 +170,7 @@ class FamilyConfig(_Strict):
 def load_all_families() -> dict[str, FamilyConfig]:
     families = {}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        if path.name in ("published.yaml", "text_encoders.yaml"):
+        if path.name in ("published.yaml", "text_encoders.yaml", "builtin.yaml"):
             continue
         family = FamilyConfig.model_validate(yaml.safe_load(path.read_text()))
         families[family.name] = family
@@ -197,6 +197,20 @@ def family_for_pipeline_class(pipeline_class: str) -> FamilyConfig:
             return family
     supported = ", ".join(f"{f.name} ({f.pipeline_class})" for f in load_all_families().values())
     raise ValueError(f"pipeline class {pipeline_class!r} is not supported; supported families: {supported}")
+
+
+class BuiltinModel(_Strict):
+    """A trained model the project ships (configs/builtin.yaml)."""
+
+    description: str
+    trained_by: str
+    defaults: OmniDiffusionSamplingParams
+
+
+@functools.cache
+def load_builtin_models() -> dict[str, BuiltinModel]:
+    entries = yaml.safe_load((CONFIG_DIR / "builtin.yaml").read_text())
+    return {name: BuiltinModel.model_validate(entry) for name, entry in entries.items()}
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """Turns what a user passes as `model=` into a local diffusers folder and its model family.
 
-Accepted: a built-in tiny model ("tiny/z-image"), a local diffusers folder, or a Hugging Face
-hub id (looked up in the local hub cache first, downloaded only when the hub is reachable). Where
+Accepted: a built-in trained model ("builtin/shapes", the default), a built-in tiny model
+("tiny/z-image", random weights), a local diffusers folder, or a Hugging Face hub id (looked up
+in the local hub cache first, downloaded only when the hub is reachable). Where
 only configurations are needed (the memory report, `--load-format dummy`), a published hub id
 that is not on disk resolves to the configuration folder the project carries.
 """
@@ -14,11 +15,19 @@ from pathlib import Path
 
 import huggingface_hub
 
-from configs import FamilyConfig, OmniDiffusionSamplingParams, family_for_pipeline_class, load_family
+from configs import (
+    FamilyConfig,
+    OmniDiffusionSamplingParams,
+    family_for_pipeline_class,
+    load_builtin_models,
+    load_family,
+)
 from engine.published_models import cached_published_configs, published_model_ids
 from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
-DEFAULT_MODEL = "tiny/z-image"
+BUILTIN_PREFIX = "builtin/"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DEFAULT_MODEL = "builtin/shapes"
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ def resolve_model(model: str, configs_only: bool = False) -> ResolvedModel:
 
     configs_only: the caller reads configurations, never weights.
     """
+    if model.startswith(BUILTIN_PREFIX):
+        return _builtin_model(model)
     if model.startswith(TINY_PREFIX):
         if model not in tiny_model_names():
             raise ValueError(f"unknown tiny model {model!r}; built-in: {', '.join(tiny_model_names())}")
@@ -51,11 +62,27 @@ def resolve_model(model: str, configs_only: bool = False) -> ResolvedModel:
     return ResolvedModel(model, path, family, family.defaults)
 
 
+def builtin_model_names() -> list[str]:
+    return [BUILTIN_PREFIX + name for name in load_builtin_models()]
+
+
+def _builtin_model(model: str) -> ResolvedModel:
+    entry = load_builtin_models().get(model.removeprefix(BUILTIN_PREFIX))
+    if entry is None:
+        raise ValueError(f"unknown built-in model {model!r}; built-in: {', '.join(builtin_model_names())}")
+    path = BUILTIN_DIR / model.removeprefix(BUILTIN_PREFIX)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"built-in model {model!r} has no weights at {path}; train them with `{entry.trained_by}`")
+    family = _family_of(path, model)
+    return ResolvedModel(model, path, family, family.defaults.overridden_by(entry.defaults))
+
+
 def _hub_snapshot(model: str) -> Path:
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise ValueError(
-            f"model {model!r} is not a local directory, not a built-in tiny model "
-            f"({', '.join(tiny_model_names())}) and not a Hugging Face id of the form 'org/name'"
+            f"model {model!r} is not a local directory, not a built-in model "
+            f"({', '.join(builtin_model_names() + tiny_model_names())}) and not a Hugging Face id "
+            "of the form 'org/name'"
         )
     snapshot = _local_snapshot(model)
     if snapshot is not None:

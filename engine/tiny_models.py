@@ -32,23 +32,22 @@ def _seeded(seed: int, factory: Callable[[], Any]) -> Any:
     return factory()
 
 
-def _autoencoder_kl(recipe: dict[str, Any]) -> AutoencoderKL:
+def autoencoder_kl(recipe: dict[str, Any]) -> AutoencoderKL:
+    """A small AutoencoderKL (flat single-layer blocks) of the shape `recipe` sets."""
     depth = len(recipe["block_out_channels"])
+    defaults = {"layers_per_block": 1, "norm_num_groups": 8, "use_quant_conv": False, "use_post_quant_conv": False}
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * depth,
         up_block_types=["UpDecoderBlock2D"] * depth,
-        layers_per_block=1,
-        norm_num_groups=8,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **recipe,
+        **{**defaults, **recipe},
     )
 
 
-def _transformer(family: FamilyConfig) -> torch.nn.Module:
-    model = getattr(diffusers, family.transformer_class)(**family.tiny.transformer)
+def build_transformer(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    """A freshly initialised diffusers DiT of class `class_name`."""
+    model = getattr(diffusers, class_name)(**config)
     # Z-Image allocates its padding tokens with torch.empty; give them defined values.
     for name in ("x_pad_token", "cap_pad_token"):
         token = getattr(model, name, None)
@@ -89,7 +88,7 @@ def _z_image_components(family: FamilyConfig) -> dict[str, Any]:
     return {
         "tokenizer": tokenizer,
         "text_encoder": _seeded(tiny.seed + 1, lambda: transformers.Qwen3Model(text_config)),
-        "vae": _seeded(tiny.seed + 2, lambda: _autoencoder_kl(tiny.component("vae"))),
+        "vae": _seeded(tiny.seed + 2, lambda: autoencoder_kl(tiny.component("vae"))),
     }
 
 
@@ -144,7 +143,7 @@ def _flux_components(family: FamilyConfig) -> dict[str, Any]:
         "text_encoder_2": _seeded(
             tiny.seed + 2, lambda: _t5_text_encoder(tiny.component("t5_text_encoder"), t5_tokenizer)
         ),
-        "vae": _seeded(tiny.seed + 3, lambda: _autoencoder_kl(tiny.component("vae"))),
+        "vae": _seeded(tiny.seed + 3, lambda: autoencoder_kl(tiny.component("vae"))),
     }
 
 
@@ -161,7 +160,7 @@ def _sd3_components(family: FamilyConfig) -> dict[str, Any]:
         "text_encoder_3": _seeded(
             tiny.seed + 3, lambda: _t5_text_encoder(tiny.component("t5_text_encoder"), t5_tokenizer)
         ),
-        "vae": _seeded(tiny.seed + 4, lambda: _autoencoder_kl(tiny.component("vae"))),
+        "vae": _seeded(tiny.seed + 4, lambda: autoencoder_kl(tiny.component("vae"))),
     }
 
 
@@ -182,7 +181,9 @@ def tiny_model_names() -> list[str]:
 def build_tiny_pipeline(family_name: str) -> diffusers.DiffusionPipeline:
     family = load_family(family_name)
     components = _COMPONENT_BUILDERS[family_name](family)
-    components["transformer"] = _seeded(family.tiny.seed, lambda: _transformer(family))
+    components["transformer"] = _seeded(
+        family.tiny.seed, lambda: build_transformer(family.transformer_class, family.tiny.transformer)
+    )
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(**family.tiny.component("scheduler"))
     return getattr(diffusers, family.pipeline_class)(**components)
 

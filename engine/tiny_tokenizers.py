@@ -1,12 +1,15 @@
 """Tokenizers for the tiny models, built from Python objects (no files, no network).
 
-They cover every byte with no merges, so any prompt tokenises; that is all a randomly
-initialised text encoder needs.
+They cover every byte, so any prompt tokenises; that is all a randomly initialised text encoder
+needs. A trained model passes its caption corpus to get whole-word tokens on top.
 """
 
 from __future__ import annotations
 
-from tokenizers import pre_tokenizers
+import json
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 QWEN_SPECIAL_TOKENS = [
@@ -30,11 +33,26 @@ def _byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def build_qwen_tokenizer(chat_template: bool = False) -> Qwen2Tokenizer:
+def _byte_level_merges(corpus: Iterable[str], max_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges learnt from `corpus` (up to whole words, as Qwen's pre-tokenizer splits)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + max_merges, initial_alphabet=alphabet)
+    bpe.train_from_iterator(corpus, trainer)
+    return [tuple(merge) for merge in json.loads(bpe.to_str())["model"]["merges"]]
+
+
+def build_qwen_tokenizer(
+    chat_template: bool = False, corpus: Iterable[str] | None = None, max_merges: int = 1000
+) -> Qwen2Tokenizer:
     vocab = {symbol: index for index, symbol in enumerate(_byte_alphabet())}
+    merges = _byte_level_merges(corpus, max_merges) if corpus is not None else []
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=4096)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     if chat_template:
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE

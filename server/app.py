@@ -19,6 +19,7 @@ from engine import AsyncEngine, EngineState
 from server.errors import APIError, install_error_handlers
 from server.image_store import ImageStore
 from server.images_api import images_router
+from server.playground import playground_router
 from server.request_recorder import RequestRecorder
 from server.settings import ServerSettings
 
@@ -114,6 +115,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
             await engine.unload_lora(body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    if settings.enable_playground:
+        app.include_router(playground_router())
 
     store = ImageStore(ttl_s=settings.url_ttl_s)
     app.include_router(images_router(engine, settings, store), dependencies=[Depends(require_api_key)])

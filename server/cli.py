@@ -143,6 +143,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         default=os.environ.get(_RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key; "
                              f"also env {_RUNTIME_LORA_ENV}=true, as in vLLM)")
+    parser.add_argument("--disable-playground", action="store_true",
+                        help="do not serve the web playground at / and /playground")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info: one line per request")
     return parser
@@ -202,6 +204,7 @@ def serve_main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
         enable_lora_loading=args.enable_lora_loading,
+        enable_playground=not args.disable_playground,
     )
     app = create_app(engine, settings)
     _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -15,6 +15,7 @@ class ServerSettings:
     max_upload_bytes: int = 20 * 2**20
     url_ttl_s: float = 3600.0
     enable_lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    enable_playground: bool = True     # the page at / and /playground
 
     @property
     def model_names(self) -> set[str]:

@@ -29,7 +29,8 @@ def test_local_folder_resolves_with_family_defaults(tiny_dir, tmp_path):
     "model,message",
     [
         ("tiny/nope", "unknown tiny model 'tiny/nope'; built-in: tiny/z-image, tiny/qwen-image"),
-        ("no-such-thing", "not a local directory, not a built-in tiny model"),
+        ("no-such-thing", r"not a local directory, not a built-in model \(builtin/shapes, tiny/z-image"),
+        ("builtin/nope", "unknown built-in model 'builtin/nope'; built-in: builtin/shapes"),
         ("./missing/dir", "not a local directory"),
     ],
 )

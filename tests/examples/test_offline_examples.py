@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
+
+from tools.shapes.judge import Verdict, judge
 
 SCRIPT = Path(__file__).parents[2] / "examples" / "offline_inference" / "text_to_image" / "text_to_image.py"
 
@@ -23,6 +26,19 @@ def test_example_writes_image_of_asked_size(tmp_path):
     assert "seed 7" in result.stdout
     with Image.open(output) as image:
         assert image.size == (112, 80) and image.format == "PNG"
+
+
+def test_example_with_the_default_model_draws_the_prompt(tmp_path):
+    output = tmp_path / "circle.png"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--prompt", "a large red circle on the left on a blue background",
+         "--seed", "1", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(output) as image:
+        assert image.size == (128, 128)  # builtin/shapes' default
+        assert judge(np.asarray(image.convert("RGB"))) == Verdict("blue", "red", "left", "circle")
 
 
 EDIT_SCRIPT = Path(__file__).parents[2] / "examples" / "offline_inference" / "image_to_image" / "image_edit.py"

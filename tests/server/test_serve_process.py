@@ -29,9 +29,9 @@ def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tmp_p
     assert np.abs(pixels(result.data[0].b64_json) - expected).max() <= 1
 
 
-def test_api_key_guards_v1_routes_only(tmp_path):
+def test_api_key_guards_v1_routes_only_and_the_playground_can_be_off(tmp_path):
     # Random weights from the configuration (--load-format dummy): auth does not care, and the flag gets a server run.
-    server = ServerProcess(["tiny/z-image", "--log-level", "debug", "--load-format", "dummy"],
+    server = ServerProcess(["tiny/z-image", "--log-level", "debug", "--load-format", "dummy", "--disable-playground"],
                            env={"DITSERVE_API_KEY": API_KEY})
     server.start(tmp_path / "serve.log")
     try:
@@ -42,6 +42,7 @@ def test_api_key_guards_v1_routes_only(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong").images.generate(prompt="a cat", size="64x64")
         assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/").status_code == 404  # --disable-playground
         good = server.client(api_key=API_KEY).images.generate(
             prompt="a cat", size="64x64", extra_body={"num_inference_steps": 1})
         assert len(good.data) == 1

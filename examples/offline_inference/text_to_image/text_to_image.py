@@ -1,7 +1,7 @@
 """Generate one image offline with the Omni API.
 
-python examples/offline_inference/text_to_image/text_to_image.py --model tiny/z-image \
-    --prompt "a cat reading a book" --height 128 --width 128 --output cat.png
+python examples/offline_inference/text_to_image/text_to_image.py \
+    --prompt "a large red circle on the left on a blue background" --output circle.png
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from engine import DEFAULT_MODEL, DiffusionParallelConfig, Omni, OmniDiffusionSa
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny/<family>, a diffusers folder or a hub id")
-    parser.add_argument("--prompt", default="a cat reading a book")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"{DEFAULT_MODEL} (default), tiny/<family>, a diffusers folder or a hub id")
+    parser.add_argument("--prompt", default="a small yellow triangle at the top left on a purple background")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--height", type=int, default=None)

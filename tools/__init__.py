@@ -1,0 +1,1 @@
+"""Project tools: programs that build things the server uses (not imported by the server)."""

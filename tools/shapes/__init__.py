@@ -1,0 +1,1 @@
+"""The built-in `builtin/shapes` model: procedural scenes, their training recipe and a judge."""
