@@ -61,9 +61,8 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture
-def page(browser, server, tmp_path):
-    """The playground, opened and unlocked with the API key."""
+def _open_unlocked(browser, server) -> None:
+    """Load the playground and unlock it with the API key."""
     from selenium.webdriver.common.by import By
 
     browser.get(f"{server.url}/")
@@ -73,6 +72,11 @@ def page(browser, server, tmp_path):
     element(By.ID, "prompt").click()  # leaving the field loads the models with the key
     _wait(browser, lambda: element(By.ID, "model").get_attribute("value") == "builtin/shapes")
     assert API_KEY not in browser.current_url
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    _open_unlocked(browser, server)
     yield browser
     browser.save_screenshot(str(tmp_path / "playground.png"))
 
@@ -185,14 +189,21 @@ def test_edit_with_a_painted_mask_changes_the_painted_part(page, tmp_path):
     assert change[painted].mean() > 40 and change[far].mean() < 8, (change[painted].mean(), change[far].mean())
 
 
+def _start_a_long_generation(page) -> None:
+    """512x512, 200 steps: running until stopped, with a preview on screen."""
+    from selenium.webdriver.common.by import By
+
+    _fill(page, prompt="a small blue triangle at the top on a yellow background", size="512x512", steps="200",
+          previews="3")
+    page.find_element(By.ID, "generate").click()
+    _wait(page, lambda: page.find_elements(By.CSS_SELECTOR, "#live .tile img[src]"))
+
+
 def test_stop_cancels_the_generation_and_frees_the_worker(page, server, tmp_path):
     from selenium.webdriver.common.by import By
 
     cancelled = server.metric("ditserve_requests_cancelled_total")
-    _fill(page, prompt="a small blue triangle at the top on a yellow background", size="512x512", steps="200",
-          previews="3")
-    page.find_element(By.ID, "generate").click()
-    _wait(page, lambda: page.find_elements(By.CSS_SELECTOR, "#live .tile img[src]"))  # a preview is on screen
+    _start_a_long_generation(page)
     page.find_element(By.ID, "stop").click()
     _wait(page, lambda: page.find_element(By.ID, "status").text == "stopped")
     page.save_screenshot(str(tmp_path / "stopped.png"))
@@ -202,3 +213,16 @@ def test_stop_cancels_the_generation_and_frees_the_worker(page, server, tmp_path
     _fill(page, size="128x128", steps="4", previews="0")
     page.find_element(By.ID, "generate").click()
     _wait(page, lambda: page.find_element(By.ID, "status").text.startswith("done"))
+
+
+def test_closing_the_tab_cancels_the_generation(browser, server):
+    cancelled = server.metric("ditserve_requests_cancelled_total")
+    first_tab = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    _open_unlocked(browser, server)
+    _start_a_long_generation(browser)
+    browser.close()
+    browser.switch_to.window(first_tab)
+    wait_until(lambda: server.metric("ditserve_requests_cancelled_total") == cancelled + 1, TIMEOUT_S,
+               "the closed tab's request cancelled")
+    wait_until(lambda: server.metric("ditserve_running_requests") == 0, TIMEOUT_S, "the worker free")
