@@ -21,7 +21,7 @@ import openai
 import torch
 from PIL import Image
 
-from configs import load_family
+from configs import OmniDiffusionSamplingParams, load_family
 from engine.worker_group import free_port
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -79,6 +79,20 @@ def load_plain_pipeline(path: Path) -> diffusers.DiffusionPipeline:
 
 
 FLUX_TRUE_CFG = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
+
+
+def reference_prompt(family: str) -> dict:
+    """REFERENCE_PROMPT with the family's condition images, as Omni takes a prompt."""
+    prompt = {"prompt": REFERENCE_PROMPT}
+    if condition_images(family):
+        prompt["multi_modal_data"] = {"image": condition_images(family)}
+    return prompt
+
+
+def reference_params(family: str, **values) -> OmniDiffusionSamplingParams:
+    """The sampling values reference_image uses (steps, seed, FLUX.1's true CFG), plus `values`."""
+    return OmniDiffusionSamplingParams(num_inference_steps=REFERENCE_STEPS, seed=REFERENCE_SEED,
+                                       **(FLUX_TRUE_CFG if family == "flux" else {}), **values)
 
 
 def edit_mask(size: tuple[int, int]) -> Image.Image:

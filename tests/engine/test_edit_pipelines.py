@@ -17,15 +17,13 @@ from engine import (
 )
 from engine.sampling import build_request
 from tests.helpers import (
-    FLUX_TRUE_CFG,
     REFERENCE_PROMPT,
-    REFERENCE_SEED,
-    REFERENCE_STEPS,
     condition_image,
     edit_mask,
     load_plain_pipeline,
     max_pixel_difference,
     reference_image,
+    reference_params,
 )
 from workers.pipeline_runner import PipelineRunner
 
@@ -44,8 +42,7 @@ def test_edit_pipeline_equals_plain_diffusers(tiny_dir, family, edit, size):
     data = {"image": condition_image((WIDTH, HEIGHT))}
     if edit == "inpaint":
         data["mask"] = edit_mask((WIDTH, HEIGHT))
-    params = OmniDiffusionSamplingParams(num_inference_steps=REFERENCE_STEPS, seed=REFERENCE_SEED,
-                                         **(FLUX_TRUE_CFG if family == "flux" else {}))
+    params = reference_params(family)
     with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tensor_parallel_size=size)) as omni:
         image = omni.generate({"prompt": REFERENCE_PROMPT, "multi_modal_data": data}, params)[0].images[0]
     expected = reference_image(tiny_dir(family), family, HEIGHT, WIDTH, edit)

@@ -23,13 +23,13 @@ from engine import (
 )
 from tests.helpers import (
     FAMILIES,
-    FLUX_TRUE_CFG,
     REFERENCE_PROMPT,
     REFERENCE_SEED,
     REFERENCE_STEPS,
-    condition_images,
     max_pixel_difference,
     reference_image,
+    reference_params,
+    reference_prompt,
 )
 
 SEQUENCES = {
@@ -46,9 +46,6 @@ CASES.append(("qwen-image-edit-plus", 2))
 def test_adapters_match_diffusers(tiny_dir, adapters, family, tp):
     height, width = 64, 96
     paths = adapters(family)
-    prompt = {"prompt": REFERENCE_PROMPT}
-    if condition_images(family):
-        prompt["multi_modal_data"] = {"image": condition_images(family)}
     sequence = SEQUENCES[tp]
     if family.startswith("qwen-image-edit"):  # ~4 s a request (1 MP VAE encodes): fewer, same coverage
         sequence = [(("a", 1.0), ("b", 1.5))] if family.endswith("plus") else SEQUENCES[1]
@@ -56,11 +53,9 @@ def test_adapters_match_diffusers(tiny_dir, adapters, family, tp):
     with Omni(model=f"tiny/{family}", parallel_config=DiffusionParallelConfig(tp),
               lora_modules={name: str(path) for name, path in paths.items()}) as omni:
         for loras in sequence:
-            params = OmniDiffusionSamplingParams(
-                num_inference_steps=REFERENCE_STEPS, height=height, width=width, seed=REFERENCE_SEED,
-                loras=[LoraAdapter(name, scale) for name, scale in loras] or None,
-                **(FLUX_TRUE_CFG if family == "flux" else {}))
-            image = omni.generate(prompt, params)[0].images[0]
+            params = reference_params(family, height=height, width=width,
+                                      loras=[LoraAdapter(name, scale) for name, scale in loras] or None)
+            image = omni.generate(reference_prompt(family), params)[0].images[0]
             expected = reference_image(tiny_dir(family), family, height, width,
                                        loras=tuple((paths[name], scale) for name, scale in loras))
             assert max_pixel_difference(image, expected) <= 1, f"{loras} at TP={tp}"

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from engine import DiffusionParallelConfig, Omni
 from tests.helpers import (
     FAMILIES,
-    FLUX_TRUE_CFG,
-    REFERENCE_PROMPT,
     REFERENCE_SEED,
-    REFERENCE_STEPS,
-    condition_images,
     max_pixel_difference,
     reference_image,
+    reference_params,
+    reference_prompt,
 )
 
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "tp4": (4, 1, 1), "cfg2": (1, 1, 2), "usp2": (1, 2, 1),
@@ -38,15 +36,9 @@ CASES = [(family, name) for family in FAMILIES for name in LAYOUTS if (family, n
 @pytest.mark.parametrize("family,layout", CASES)
 def test_omni_image_equals_plain_diffusers(tiny_dir, family, layout):
     height, width = 64, 96
-    prompt = {"prompt": REFERENCE_PROMPT}
-    if condition_images(family):
-        prompt["multi_modal_data"] = {"image": condition_images(family)}
     parallel = DiffusionParallelConfig(*LAYOUTS[layout])
     with Omni(model=f"tiny/{family}", parallel_config=parallel) as omni:
-        params = OmniDiffusionSamplingParams(
-            num_inference_steps=REFERENCE_STEPS, height=height, width=width, seed=REFERENCE_SEED,
-            **(FLUX_TRUE_CFG if family == "flux" else {}))
-        output = omni.generate(prompt, params)[0]
+        output = omni.generate(reference_prompt(family), reference_params(family, height=height, width=width))[0]
     image = output.images[0]
     assert output.seed == REFERENCE_SEED
     assert image.size == (width, height)

@@ -87,8 +87,9 @@ def judge(image: np.ndarray) -> Verdict:
     frame = np.ones(image.shape[:2], dtype=bool)
     frame[BORDER:-BORDER, BORDER:-BORDER] = False
     border = image[frame]
-    background_index = np.bincount(_nearest_colour(border), minlength=len(_PALETTE)).argmax()
-    measured_background = np.median(border[_nearest_colour(border) == background_index], axis=0)
+    border_colours = _nearest_colour(border)
+    background_index = np.bincount(border_colours, minlength=len(_PALETTE)).argmax()
+    measured_background = np.median(border[border_colours == background_index], axis=0)
     distance = np.linalg.norm(image.astype(np.float32) - measured_background, axis=-1)
     region = _largest_region(distance > FOREGROUND_DISTANCE)
     background = _PALETTE_NAMES[background_index]

@@ -165,7 +165,6 @@ def train_dit(pipeline: ZImagePipeline, latents: torch.Tensor, scenes: list[Scen
 
 def train(recipe: dict[str, Any], output: Path) -> dict[str, Any]:
     started = time.monotonic()
-    torch.manual_seed(recipe["seed"])
     rng = np.random.default_rng(recipe["seed"])
     scenes = all_scenes(exclude=held_out_triples())
     pipeline = build_pipeline(recipe, scenes)
