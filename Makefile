@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@$(BIN)/serve --help 2>/dev/null | grep -q -- --tensor-parallel-size || { \
+	  $(BIN)/python -m pip install --quiet --no-deps --force-reinstall -e . && \
+	  echo "make: restored ditserve's serve command (Ray installs a script of the same name; 'ditserve serve' always works)"; }
 	touch $@
 
 serve: install

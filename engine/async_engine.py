@@ -26,7 +26,7 @@ from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraRegistry
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
-from engine.parallel_config import DiffusionParallelConfig, worker_spec
+from engine.parallel_config import DiffusionParallelConfig, checked_offload, worker_spec
 from engine.sampling import PromptInput, build_request
 from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
 from workers import (
@@ -64,6 +64,11 @@ class EngineConfig:
     lora_modules: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> path, loaded at start
     max_loras: int = DEFAULT_MAX_LORAS  # adapters resident on the ranks at once (LRU beyond)
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    text_encoder_offload: str | None = None  # device the text encoders stay on between uses ("cpu")
+    vae_offload: str | None = None  # device the VAE stays on between uses
+    # False under a supervisor that replaces the whole server (a Ray Serve replica): a dead rank
+    # leaves the engine FAILED instead of restarting the worker group in place
+    restart_workers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_queue_size", "max_batch_size"):
@@ -73,6 +78,11 @@ class EngineConfig:
             raise ValueError(f"request_timeout_s={self.request_timeout_s} must be positive (or None: no limit)")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
+        checked_offload(self.offload)
+
+    @property
+    def offload(self) -> dict[str, str | None]:
+        return {"text_encoder": self.text_encoder_offload, "vae": self.vae_offload}
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,9 +121,17 @@ class AsyncEngine:
 
         on_loaded runs after the first load and after every restart, failed or not (see `healthy`).
         """
+        if self._task is not None:  # started already (a Ray replica starts it before its app's lifespan)
+            return
         self._loop = asyncio.get_running_loop()
         self._on_loaded = on_loaded or (lambda: None)
+        self._loaded = asyncio.Event()
         self._task = asyncio.create_task(self._serve(), name="ditserve-scheduler")
+
+    async def loaded(self) -> bool:
+        """Wait for the first load to end; True when the engine can serve."""
+        await self._loaded.wait()
+        return self.healthy
 
     async def shutdown(self) -> None:
         """Stop admitting, fail what is left, stop every rank."""
@@ -136,7 +154,7 @@ class AsyncEngine:
         if self.state is EngineState.LOADING:
             return f"model {self.config.model!r} is still loading"
         if self.state is EngineState.FAILED:
-            return f"model {self.config.model!r} failed to load: {self.failure}"
+            return f"model {self.config.model!r} cannot serve: {self.failure}"
         if self.state is EngineState.RESTARTING or (self._group is not None and not self._group.alive):
             return "the worker group is restarting after a rank died"
         return "the engine is stopped"
@@ -212,6 +230,7 @@ class AsyncEngine:
                 self.failure, self.state = f"{type(exc).__name__}: {exc}", EngineState.FAILED
                 logger.error("loading %s failed: %s", self.config.model, self.failure)
         finally:
+            self._loaded.set()
             self._on_loaded()
         while self.state is EngineState.READY:
             await self._wake.wait()
@@ -219,6 +238,11 @@ class AsyncEngine:
             while self._waiting and self.healthy:
                 await self._run_batch(take_batch(self._waiting, self.config.max_batch_size))
             if self._group is not None and not self._group.alive:
+                if not self.config.restart_workers:
+                    self.failure, self.state = f"a rank died: {self._group.failure}", EngineState.FAILED
+                    logger.error("%s; not restarting (the supervisor replaces this server)", self.failure)
+                    self._fail_all(EngineNotReady(self.not_ready_reason()))
+                    return
                 await self._restart()
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
@@ -282,7 +306,7 @@ class AsyncEngine:
         model = dataclasses.replace(model, defaults=model.defaults.overridden_by(self.config.default_overrides))
         config = self.config
         spec = worker_spec(model, config.parallel, config.dtype, config.load_format, config.max_loras,
-                           config.max_lora_rank)
+                           config.max_lora_rank, config.offload)
         group = WorkerGroup(spec, config.startup_timeout_s, on_death=self._on_death)
         group.start()
         try:

@@ -34,14 +34,19 @@ class Omni:
         lora_modules: dict[str, str] | None = None,
         max_loras: int = DEFAULT_MAX_LORAS,
         max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+        text_encoder_offload: str | None = None,
+        vae_offload: str | None = None,
     ):
         """load_format="dummy" builds the full-size model from its configuration with random
         weights (a published hub id needs nothing on disk): latency and memory at true size.
         lora_modules: {name: path} of LoRA adapters to load now (more with `load_lora`); a request
-        uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
+        uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)]).
+        text_encoder_offload / vae_offload: a device ("cpu") those models stay on between uses,
+        brought to the rank's device for each use."""
         self.parallel_config = parallel_config or DiffusionParallelConfig()
         self.model: ResolvedModel = resolve_model(model, configs_only=load_format == "dummy")
-        spec = worker_spec(self.model, self.parallel_config, dtype, load_format, max_loras, max_lora_rank)
+        spec = worker_spec(self.model, self.parallel_config, dtype, load_format, max_loras, max_lora_rank,
+                           {"text_encoder": text_encoder_offload, "vae": vae_offload})
         self.loras = LoraRegistry(max_loras, reserved_names={model})
         self._group = WorkerGroup(spec, startup_timeout_s)
         self._group.start()

@@ -9,6 +9,7 @@ import torch
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
 from workers import RankLayout, WorkerSpec
+from workers.offload import OFFLOADABLE
 from workers.sharded_loading import component_config, sharded_components
 from workers.tensor_parallel import ShardPlanner, config_value, head_shares
 
@@ -119,9 +120,12 @@ def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
 def worker_spec(
     model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto",
     max_loras: int = WorkerSpec.max_loras, max_lora_rank: int = WorkerSpec.max_lora_rank,
+    offload: dict[str, str] | None = None,
 ) -> WorkerSpec:
-    """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
+    """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks.
+    offload: {"text_encoder" or "vae": device to keep those models on between uses} (workers.offload)."""
     check_split(model, parallel)
+    offload = checked_offload(offload or {})
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if load_format not in LOAD_FORMATS:
@@ -148,7 +152,21 @@ def worker_spec(
         load_format=load_format,
         max_loras=max_loras,
         max_lora_rank=max_lora_rank,
+        offload=offload,
     )
+
+
+def checked_offload(offload: dict[str, str | None]) -> dict[str, str]:
+    """The offload settings that are set, each checked to name a device."""
+    offload = {kind: device for kind, device in offload.items() if device}
+    for kind, device in offload.items():
+        if kind not in OFFLOADABLE:
+            raise ValueError(f"cannot offload {kind!r}; offloadable: {', '.join(OFFLOADABLE)}")
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"{kind}_offload={device!r} is not a device name (cpu, cuda:1, ...)") from None
+    return offload
 
 
 def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig) -> None:

@@ -79,10 +79,13 @@ def _main_module_left_out() -> Iterator[None]:
 
 
 def usable_cores() -> int:
+    """The cores this process may use; OMP_NUM_THREADS caps them (Ray sets it to an actor's CPUs)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores
 
 
 class WorkerGroup:
@@ -159,8 +162,8 @@ class WorkerGroup:
                 parts = ", ".join(
                     f"{name} {format_size(event.parameter_bytes[name])} in {seconds:.1f} s "
                     f"({event.parameter_bytes[name] / 2**30 / max(seconds, 1e-9):.2f} GiB/s)"
-                    for name, seconds in event.shard_load_s.items())
-                logger.info("rank %d ready in %.1f s; shards: %s", event.rank, event.load_s, parts)
+                    for name, seconds in event.load_s_by_model.items())
+                logger.info("rank %d ready in %.1f s; loaded %s", event.rank, event.load_s, parts)
 
     def close(self) -> None:
         """Stop every rank: ask politely, then terminate, then kill. Safe to call twice."""

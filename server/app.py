@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine import AsyncEngine, EngineState
 from server.errors import APIError, install_error_handlers
-from server.image_store import ImageStore
+from server.image_store import DirectoryImageStore, ImageStore
 from server.images_api import images_router
 from server.playground import playground_router
 from server.request_recorder import RequestRecorder
@@ -60,7 +62,10 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_int_id: int | None = None  # vLLM sends it; names identify adapters here
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def create_app(engine: AsyncEngine, settings: ServerSettings,
+               cluster_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
+    """cluster_metrics: more Prometheus text for /metrics (every replica's, under Ray Serve)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start(on_loaded=lambda: _report_loaded(engine, settings))
@@ -70,7 +75,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     engine.loras.reserved_names |= settings.model_names  # an adapter may not take a name the base model answers to
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(RequestRecorder, metrics=engine.metrics)
+    app.add_middleware(RequestRecorder, metrics=engine.metrics,
+                       headers={"x-ditserve-replica": settings.replica_name} if settings.replica_name else {})
     started = int(time.time())
 
     def require_api_key(request: Request) -> None:
@@ -89,7 +95,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(engine.metrics.registry)
+        if cluster_metrics is not None:
+            text += await cluster_metrics()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def get_version() -> dict:
@@ -119,7 +128,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     if settings.enable_playground:
         app.include_router(playground_router())
 
-    store = ImageStore(ttl_s=settings.url_ttl_s)
+    store = (DirectoryImageStore(Path(settings.image_store_dir), ttl_s=settings.url_ttl_s)
+             if settings.image_store_dir else ImageStore(ttl_s=settings.url_ttl_s))
     app.include_router(images_router(engine, settings, store), dependencies=[Depends(require_api_key)])
 
     @app.get("/files/images/{token}", include_in_schema=False)

@@ -81,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_arguments(memory)
     memory.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     memory.set_defaults(run=_memory)
+    commands.add_parser("serve", add_help=False, help="the HTTP server: same as the `serve` command, a name no "
+                        "other package's script can take (Ray installs a `serve` of its own)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        serve_main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -123,6 +129,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
                              "(default 64)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds before a request is answered 504 (default: no limit)")
+    for kind in ("text-encoder", "vae"):
+        parser.add_argument(f"--{kind}-offload", default=None, metavar="DEVICE",
+                            help=f"keep the {kind.replace('-', ' ')} on DEVICE (cpu, cuda:1...) between uses and "
+                                 "bring it to the rank's device for each use: less GPU memory, one copy each way "
+                                 "per request")
     parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                         help=f"seconds every rank may take to load (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
     parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
@@ -147,6 +158,19 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         help="do not serve the web playground at / and /playground")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info: one line per request")
+    parser.add_argument("--image-store-dir", default=None, metavar="DIR",
+                        help="keep response_format=url images in DIR (a shared mount serves them from every "
+                             "replica or server) instead of this process's memory")
+    ray = parser.add_argument_group("scale-out on Ray Serve (pip install 'ditserve[ray]')")
+    ray.add_argument("--replicas", type=int, default=1,
+                     help="worker groups behind this endpoint, each a Ray Serve replica with its own devices")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster ('auto' after `ray start --head`); default: start a local one")
+    ray.add_argument("--autoscaling", default=None, metavar="JSON",
+                     help='Ray Serve autoscaling_config, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
+                          '"target_ongoing_requests": 2}\' (replaces --replicas)')
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0,
+                     help="CPUs Ray reserves for each replica (on a CPU cluster its ranks share them; default 1)")
     return parser
 
 
@@ -171,14 +195,35 @@ class _Server(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def _on_ray(args: argparse.Namespace) -> bool:
+    return args.replicas > 1 or args.ray_address is not None or args.autoscaling is not None
+
+
+def _ray_plan(args: argparse.Namespace):
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's log lines as they are (read when ray is imported)
+    try:
+        from server.ray_replicas import RayPlan
+    except ImportError as exc:
+        raise SystemExit(f"serve: error: --replicas, --ray-address and --autoscaling need Ray Serve: "
+                         f"pip install 'ditserve[ray]' ({exc})")
+    if args.replicas < 1:
+        raise SystemExit(f"serve: error: --replicas={args.replicas} must be at least 1")
+    try:
+        autoscaling = None if args.autoscaling is None else json.loads(args.autoscaling)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"serve: error: --autoscaling must be a JSON object: {exc}")
+    return RayPlan(args.replicas, args.ray_address, autoscaling, args.cpus_per_replica)
+
+
 def serve_main(argv: list[str] | None = None) -> None:
     from server.app import create_app
     from server.settings import ServerSettings
 
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = _ray_plan(args) if _on_ray(args) else None
     try:
-        engine = AsyncEngine(EngineConfig(
+        config = EngineConfig(
             model=args.model,
             parallel=_auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args),
             dtype=args.dtype,
@@ -191,7 +236,9 @@ def serve_main(argv: list[str] | None = None) -> None:
             lora_modules=parse_lora_modules(args.lora_modules),
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
-        ))
+            text_encoder_offload=args.text_encoder_offload,
+            vae_offload=args.vae_offload,
+        )
         # a bad name fails here, before anything starts
         resolve_model(args.model, configs_only=args.load_format == "dummy")
     except ValueError as exc:
@@ -205,7 +252,14 @@ def serve_main(argv: list[str] | None = None) -> None:
         max_upload_bytes=args.max_upload_bytes,
         enable_lora_loading=args.enable_lora_loading,
         enable_playground=not args.disable_playground,
+        image_store_dir=args.image_store_dir,
     )
+    if plan is not None:
+        from server.ray_replicas import serve_on_ray
+
+        serve_on_ray(config, settings, plan)
+        return
+    engine = AsyncEngine(config)
     app = create_app(engine, settings)
     _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                            timeout_graceful_shutdown=args.shutdown_timeout)).run()

@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id on every response, and one log line plus metrics per image request.
+"""ASGI middleware: a request id (and any fixed headers, e.g. the Ray replica's name) on every
+response, and one log line plus metrics per image request.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps `receive` and would hide a
 client's disconnect from the routes that watch for it. The image routes receive this request's
@@ -38,8 +39,9 @@ def request_log(request: Request) -> RequestLog:
 
 
 class RequestRecorder:
-    def __init__(self, app, metrics: Metrics):
+    def __init__(self, app, metrics: Metrics, headers: dict[str, str] | None = None):
         self.app, self.metrics = app, metrics
+        self.headers = [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -53,7 +55,8 @@ class RequestRecorder:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", log.request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", log.request_id.encode()),
+                                      *self.headers]
             await send(message)
 
         try:

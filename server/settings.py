@@ -16,6 +16,8 @@ class ServerSettings:
     url_ttl_s: float = 3600.0
     enable_lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     enable_playground: bool = True     # the page at / and /playground
+    image_store_dir: str | None = None  # response_format=url images in this (shared) directory, not in memory
+    replica_name: str | None = None  # under Ray Serve: sent as x-ditserve-replica on every response
 
     @property
     def model_names(self) -> set[str]:

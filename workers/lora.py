@@ -83,9 +83,10 @@ def full_shape(module: nn.Module) -> tuple[int, int]:
 class AdapterStore:
     """This rank's slices of every resident adapter, and which are active."""
 
-    def __init__(self, components: dict[str, nn.Module], dtype: torch.dtype):
+    def __init__(self, components: dict[str, nn.Module], dtype: torch.dtype, device: torch.device):
+        """`device`: where the layers run (an offloaded model's weights are elsewhere between uses)."""
         self.components = {name: c for name, c in components.items() if isinstance(c, nn.Module)}
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
         self.slots: dict[ModuleKey, AdapterSlot] = {}
         self.resident: dict[str, dict[ModuleKey, LowRank]] = {}
         self.active: Active = ()
@@ -98,7 +99,7 @@ class AdapterStore:
             if key[0] not in self.components:
                 continue
             module = self.components[key[0]].get_submodule(key[1])
-            local[key] = _local_part(module, pair, self.dtype)
+            local[key] = _local_part(module, pair, self.dtype, self.device)
             self._slot(key, module).resident[name] = local[key]
         self.resident[name] = local
 
@@ -124,7 +125,7 @@ class AdapterStore:
         return self.slots[key]
 
 
-def _local_part(module: nn.Module, pair: LowRank, dtype: torch.dtype) -> LowRank:
+def _local_part(module: nn.Module, pair: LowRank, dtype: torch.dtype, device: torch.device) -> LowRank:
     down, up = pair.down, pair.up
     slices = shard_slices(module.weight)
     if slices is not None:
@@ -132,7 +133,6 @@ def _local_part(module: nn.Module, pair: LowRank, dtype: torch.dtype) -> LowRank
             up = torch.cat([up[start:end] for start, end in slices.ranges])
         else:  # input features split: this rank's columns of down
             down = torch.cat([down[:, start:end] for start, end in slices.ranges], dim=1)
-    device = module.weight.device
     return LowRank(down.to(device, dtype).contiguous(), up.to(device, dtype).contiguous())
 
 

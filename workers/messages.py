@@ -72,6 +72,7 @@ class WorkerSpec:
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
     max_loras: int = 4  # LoRA adapters resident on the ranks at once (least recently used dropped beyond)
     max_lora_rank: int = 128  # adapters of a higher rank are refused
+    offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
 
     @property
     def world_size(self) -> int:
@@ -183,7 +184,7 @@ class WorkerReady:
     rank: int
     load_s: float
     parameter_bytes: dict[str, int]  # component name -> bytes of parameters and buffers held
-    shard_load_s: dict[str, float]  # sharded component name -> seconds to read and place its shard
+    load_s_by_model: dict[str, float]  # model name -> seconds to read and place it (or its shard)
 
 
 @dataclass

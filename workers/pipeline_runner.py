@@ -20,7 +20,8 @@ from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 
 def load_pipeline(spec: WorkerSpec, **components: Any) -> diffusers.DiffusionPipeline:
-    """Load the pipeline at spec.model_path; `components` replace the ones on disk."""
+    """The pipeline at spec.model_path around `components` (every model, loaded and placed by the
+    rank); diffusers loads the rest (tokenizers, scheduler)."""
     family = load_family(spec.family_name)
     if family.is_edit and "processor" not in components:
         components["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(spec.model_path / "processor")
@@ -29,7 +30,7 @@ def load_pipeline(spec: WorkerSpec, **components: Any) -> diffusers.DiffusionPip
         spec.model_path, dtype=getattr(torch, spec.dtype), **components
     )
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(spec.device_type)
+    return pipeline
 
 
 class BatchCancelled(Exception):

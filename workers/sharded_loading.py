@@ -1,5 +1,5 @@
 """Loads this rank's shard of a pipeline component (the DiT, a text encoder) without ever
-materialising the whole component.
+materialising the whole component, and the models the driver holds whole.
 
 The component is built with parameters on the meta device (buffers stay real), its TP plan is
 applied, and each parameter is then read from the safetensors files (one file, or several with an
@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import accelerate
 import diffusers
@@ -24,6 +29,8 @@ from torch import nn
 from configs import FamilyConfig, TensorParallelPlan, load_text_encoder_plans
 from workers.parallel_linear import ShardSlices, set_shard_slices, shard_slices
 from workers.tensor_parallel import apply_plan
+
+_READ_AHEAD = 4  # tensors read but not yet copied, at most (bounds the host memory in flight)
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,19 @@ def unsharded_models(model_path: Path, sharded: set[str]) -> dict[str, tuple[str
     }
 
 
-def random_unsharded_models(
-    model_path: Path, sharded: set[str], device: torch.device, dtype: torch.dtype
-) -> dict[str, nn.Module]:
-    """Every model of the pipeline not in `sharded`, built at random."""
-    models = {}
-    for name, (library, class_name) in unsharded_models(model_path, sharded).items():
-        models[name] = build_meta_component(library, class_name, model_path / name)
-        initialize_randomly(models[name], device, dtype)
-        _cast_buffers(models[name], dtype)
-    return models
+def load_whole_model(
+    library: str, class_name: str, directory: Path, device: torch.device, dtype: torch.dtype, dummy: bool = False
+) -> nn.Module:
+    """A model the rank holds whole (the VAE, a text encoder without a TP plan), read by its own
+    library's loader, or random (dummy)."""
+    if dummy:
+        model = build_meta_component(library, class_name, directory)
+        initialize_randomly(model, device, dtype)
+        _cast_buffers(model, dtype)
+        return model
+    model_class = getattr(transformers if library == "transformers" else diffusers, class_name)
+    model = model_class.from_pretrained(directory, **{"dtype" if library == "transformers" else "torch_dtype": dtype})
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _holds_parameters(library: str, class_name: str) -> bool:
@@ -191,18 +201,41 @@ def _load_parameters(
     missing = sorted(set(wanted) - set(locations))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) {type(model).__name__} needs, e.g. {missing[:3]}")
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(locations[name][0], []).append(name)
-    for path, names in by_file.items():
-        # Read straight to the rank's device and cast there: no pageable CPU copy of a slice, and
-        # the GPU casts bf16 -> target dtype faster than the CPU.
-        with safe_open(path, framework="pt", device=str(device)) as handle:
-            for name in names:
-                tensor = _read(handle, locations[name][1], shard_slices(wanted[name])).to(device)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(parameter_dtype(model, name, dtype))
-                _assign(model, name, tensor, wanted[name])
+    names = sorted(wanted, key=lambda name: locations[name])  # file by file, in checkpoint order
+    staged = _read_ahead(names, locations, {name: shard_slices(wanted[name]) for name in names},
+                         pin=device.type == "cuda")
+    for name, host_tensor in zip(names, staged):
+        # Copy as read (asynchronously from pinned memory on a GPU) and cast on the device, which
+        # casts bf16 -> target dtype faster than the CPU; the reader thread meanwhile reads ahead.
+        tensor = host_tensor.to(device, non_blocking=True)
+        if tensor.is_floating_point():
+            tensor = tensor.to(parameter_dtype(model, name, dtype))
+        _assign(model, name, tensor, wanted[name])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_ahead(
+    names: list[str], locations: dict[str, tuple[Path, str]], slices: dict[str, ShardSlices | None], pin: bool
+) -> Iterator[torch.Tensor]:
+    """This rank's slice of each named tensor, in order, read by one thread up to _READ_AHEAD tensors
+    ahead of the consumer, so disk reads overlap the host-to-device copies and casts."""
+    with ExitStack() as files, ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader") as reader:
+        handles: dict[Path, Any] = {}
+
+        def read(name: str) -> torch.Tensor:
+            path, key = locations[name]
+            if path not in handles:
+                handles[path] = files.enter_context(safe_open(path, framework="pt", device="cpu"))
+            tensor = _read(handles[path], key, slices[name])
+            return tensor.pin_memory() if pin else tensor
+
+        pending = deque(reader.submit(read, name) for name in names[:_READ_AHEAD])
+        for name in names[_READ_AHEAD:]:
+            yield pending.popleft().result()
+            pending.append(reader.submit(read, name))
+        while pending:
+            yield pending.popleft().result()
 
 
 def _read(handle, key: str, slices: ShardSlices | None) -> torch.Tensor:

@@ -38,8 +38,14 @@ from workers.messages import (
     WorkerSpec,
     WorkerStartupFailed,
 )
+from workers.offload import home_device, offload
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
-from workers.sharded_loading import load_component_shard, random_unsharded_models, sharded_components
+from workers.sharded_loading import (
+    load_component_shard,
+    load_whole_model,
+    sharded_components,
+    unsharded_models,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +61,17 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port)
         family = load_family(spec.family_name)
-        shards, shard_load_s = _load_shards(rank, spec)
+        shards, whole, load_s = _load_models(rank, spec)
+        models = {**shards, **whole}
         executor = DitExecutor(shards["transformer"], family.sequence_parallel)
-        components = shards
+        components = models
         if rank == 0:
-            if parallel_state.size_of("tp") > 1:  # the text-encoder shards the TP group runs together
-                for name in shard_load_s.keys() - {"transformer"}:
-                    forward_broadcast.install_driver_hook(name, shards[name])
+            for name in shards.keys() - {"transformer"}:  # the text-encoder shards the TP group runs together
+                forward_broadcast.install_driver_hook(name, shards[name])
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
-            pipeline = load_pipeline(spec, **shards)
+            pipeline = load_pipeline(spec, **models)
             components = pipeline.components
-            store = AdapterStore(components, getattr(torch, spec.dtype))
+            store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
             adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
                                       broadcast=spec.world_size > 1)
             runner = PipelineRunner(pipeline, dispatcher, family, adapters)
@@ -73,7 +79,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components),
-                           shard_load_s=shard_load_s))
+                           load_s_by_model=load_s))
     if rank == 0:
         _drive(runner, channels, CancelledIds(channels.cancels))
         if spec.world_size > 1 and not parallel_state.group_broken():
@@ -82,33 +88,44 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     else:
         text_encoders = {name: module for name, module in shards.items() if name != "transformer"}
         handlers = follower_handlers("transformer", executor, text_encoders)
-        store = AdapterStore(shards, getattr(torch, spec.dtype))
+        store = AdapterStore(shards, getattr(torch, spec.dtype), parallel_state.device())
         handlers[forward_broadcast.ADAPTERS] = lambda command: apply_command(store, command)
         forward_broadcast.follow(handlers, channels.doorbells[rank - 1], _parent_alive)
     parallel_state.shutdown()
 
 
-def _load_shards(rank: int, spec: WorkerSpec) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-    """This rank's DiT shard and, on the driver's TP group (the only ranks that run them) at
-    tensor-parallel size > 1, its text-encoder shards (otherwise diffusers loads the text encoders
-    on the driver). With dummy weights rank 0 also builds the other models of the pipeline (the
-    VAE, whole text encoders) at random."""
+Models = dict[str, torch.nn.Module]
+
+
+def _load_models(rank: int, spec: WorkerSpec) -> tuple[Models, Models, dict[str, float]]:
+    """This rank's shards, the models it holds whole, and the seconds each took to load. Shards:
+    the DiT's, and on the driver's TP group (the only ranks that run them) at tensor-parallel size
+    > 1, the text encoders'. Whole, on rank 0: every other model of the pipeline (the VAE, text
+    encoders without a TP plan or at TP=1). Offloaded models load straight to their home device."""
     dummy = spec.load_format == "dummy"
     components = sharded_components(load_family(spec.family_name), spec.model_path)
     tp_rank, tp_size = parallel_state.rank_in("tp"), parallel_state.size_of("tp")
     in_driver_group = parallel_state.rank_in("cfg") == 0 and parallel_state.rank_in("ulysses") == 0
-    if not in_driver_group or (tp_size == 1 and not dummy):
+    if not in_driver_group or tp_size == 1:
         components = components[:1]
     device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
-    shards, seconds = {}, {}
+    shards, whole, seconds = {}, {}, {}
     for component in components:
         started = time.perf_counter()
+        home = home_device(component.name, spec.offload, device)
         shards[component.name] = load_component_shard(
-            component, spec.model_path / component.name, tp_rank, tp_size, device, dtype, dummy)
+            component, spec.model_path / component.name, tp_rank, tp_size, home, dtype, dummy)
         seconds[component.name] = time.perf_counter() - started
-    if dummy and rank == 0:
-        shards.update(random_unsharded_models(spec.model_path, set(shards), device, dtype))
-    return shards, seconds
+    if rank == 0:
+        for name, (library, class_name) in unsharded_models(spec.model_path, set(shards)).items():
+            started = time.perf_counter()
+            home = home_device(name, spec.offload, device)
+            whole[name] = load_whole_model(library, class_name, spec.model_path / name, home, dtype, dummy)
+            seconds[name] = time.perf_counter() - started
+    for name, model in {**shards, **whole}.items():
+        if home_device(name, spec.offload, device) != device:
+            offload(model, home_device(name, spec.offload, device), device)
+    return shards, whole, seconds
 
 
 def _bytes_held(components: dict) -> dict[str, int]:

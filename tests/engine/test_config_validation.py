@@ -18,6 +18,13 @@ def test_engine_config_rejects_values_that_cannot_work(field, value):
         EngineConfig(model="tiny/z-image", **{field: value})
 
 
+def test_offload_settings_must_name_a_device():
+    with pytest.raises(ValueError, match="vae_offload='gpu please' is not a device name"):
+        EngineConfig(model="tiny/z-image", vae_offload="gpu please")
+    assert EngineConfig(model="tiny/z-image", text_encoder_offload="cpu").offload == {
+        "text_encoder": "cpu", "vae": None}
+
+
 def test_sampling_params_resolve_asked_values_over_defaults_and_check_bounds():
     defaults = OmniDiffusionSamplingParams(num_inference_steps=9, height=128, width=128, guidance_scale=0.0)
     resolved = SamplingParams.resolve(OmniDiffusionSamplingParams(num_inference_steps=3, width=96), defaults)

@@ -28,6 +28,14 @@ def test_uneven_head_split_matches_diffusers(tiny_dir, size):
     assert max_pixel_difference(image, reference_image(tiny_dir("z-image"), "z-image", 64, 96)) <= 1
 
 
+def test_offloaded_text_encoder_shards_and_vae_give_the_same_image(tiny_dir):
+    """Each TP rank's text-encoder shard and the driver's VAE are wrapped (workers.offload) and
+    loaded to their home device; the image is diffusers' (on the CPU the moves cost nothing)."""
+    with Omni(model="tiny/z-image", parallel_config=tp(2), text_encoder_offload="cpu", vae_offload="cpu") as omni:
+        image = omni.generate("a cat reading a book", PARAMS)[0].images[0]
+    assert max_pixel_difference(image, reference_image(tiny_dir("z-image"), "z-image", 64, 96)) <= 1
+
+
 def test_text_encoders_are_sharded_and_the_vae_lives_on_the_driver_only():
     with Omni(model="tiny/flux", parallel_config=tp(2)) as omni:
         driver, follower = omni.rank_parameter_bytes()
