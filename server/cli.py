@@ -222,6 +222,9 @@ def serve_main(argv: list[str] | None = None) -> None:
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = _ray_plan(args) if _on_ray(args) else None
+    if plan is not None and args.enable_lora_loading:
+        raise SystemExit("serve: error: --enable-lora-loading changes one server's adapters; with replicas, load "
+                         "adapters at start with --lora-modules")
     try:
         config = EngineConfig(
             model=args.model,

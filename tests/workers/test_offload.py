@@ -20,14 +20,21 @@ HOME, DEVICE = torch.device("cpu"), torch.device("cpu", 0)  # two names, so each
 
 @pytest.fixture
 def moves(monkeypatch):
+    """Where the model went, in order: DEVICE for each move in, HOME for each return to the home copies."""
     recorded = []
-    move = offload_module._move
+    move, point_at = offload_module._move, offload_module._point_at
 
-    def recording(module, device):
+    def moving(module, device):
         recorded.append(device)
         move(module, device)
 
-    monkeypatch.setattr(offload_module, "_move", recording)
+    def going_home(module, tensors):
+        assert all(t.device == HOME for t in tensors.values())
+        recorded.append(HOME)
+        point_at(module, tensors)
+
+    monkeypatch.setattr(offload_module, "_move", moving)
+    monkeypatch.setattr(offload_module, "_point_at", going_home)
     return recorded
 
 
@@ -48,6 +55,15 @@ def test_vae_methods_move_it_once_per_call_and_give_the_same_result(moves):
         assert moves == [DEVICE, HOME] * 2
         offloaded(image)  # forward calls encode and decode inside: still one move each way
     assert moves == [DEVICE, HOME] * 3
+
+
+def test_going_home_restores_the_home_copies_and_copies_nothing(moves):
+    vae = tiny_vae()
+    offload(vae, HOME, DEVICE)
+    before = {name: t.data_ptr() for name, t in vae.state_dict().items()}
+    with torch.inference_mode():
+        vae.decode(torch.rand(1, 4, 8, 8))
+    assert {name: t.data_ptr() for name, t in vae.state_dict().items()} == before
 
 
 def test_a_failing_call_still_sends_the_model_home(moves):
