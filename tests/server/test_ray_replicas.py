@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import Omni, OmniDiffusionSamplingParams
+from engine import DiffusionParallelConfig, EngineConfig, Omni, OmniDiffusionSamplingParams
 from tests.helpers import ServerProcess, alive, b64_pixels, served, wait_until
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")
@@ -111,3 +111,29 @@ def test_sigterm_leaves_no_process(replicas: ServerProcess):
     assert replicas.process.returncode == 0
     wait_until(lambda: not any(alive(pid) for pid in pids), 30, "replicas and ranks gone")
     assert not [line for line in os.popen("ps -eo args").read().splitlines() if line.startswith("ray::")]
+
+
+def test_each_replica_reserves_its_devices_and_autoscaling_passes_through():
+    from server.ray_replicas import RayPlan
+
+    config = EngineConfig(model="tiny/z-image", parallel=DiffusionParallelConfig(tensor_parallel_size=2,
+                                                                                 cfg_parallel_size=2))
+    options = RayPlan(replicas=3, cpus_per_replica=4).deployment_options(config, on_gpus=True)
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["placement_group_bundles"] == [{"CPU": 4, "GPU": 4.0}]  # one GPU per rank, on one node
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 4}
+    assert options["max_ongoing_requests"] == config.max_queue_size + 1
+    autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    options = RayPlan(autoscaling=autoscaling).deployment_options(config, on_gpus=False)
+    assert options["autoscaling_config"] == autoscaling and "num_replicas" not in options
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}] and options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_runtime_lora_loading_is_refused_with_replicas():
+    from server.cli import serve_main
+
+    with pytest.raises(SystemExit, match="--enable-lora-loading changes one server's adapters"):
+        serve_main(["tiny/z-image", "--replicas", "2", "--enable-lora-loading"])
+    with pytest.raises(SystemExit, match="--autoscaling must be a JSON object"):
+        serve_main(["tiny/z-image", "--autoscaling", "{min_replicas: 1}"])
