@@ -131,10 +131,12 @@ async def _generate_all(
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this handler is cancelled (Ray Serve's proxy does that when the client goes)
         watcher.cancel()
-    if not work.done():
-        work.cancel()
+        abandoned = not work.done()
+        if abandoned:
+            work.cancel()  # the gather is cancelled once its parts are, after this returns
+    if abandoned:
         raise APIError(499, "the client closed the connection; the request was cancelled", code="client_disconnected")
     outputs = work.result()
     _log_outputs(log, outputs)

@@ -3,9 +3,11 @@ endpoint, as one Ray Serve application. Imported only in that mode (`pip install
 
 Each replica is a whole server: this package's FastAPI app around its own engine and worker group,
 so routes, errors, auth and streaming are the same as without Ray. Ray's HTTP proxy on --host and
---port routes every request to the replica with fewer ongoing requests of two it samples (all of
-them when there are two); a request is ongoing exactly while it waits in that replica's queue or
-runs, so the signal is the queue length. A replica whose queue is full answers 429 itself.
+--port routes every request with Ray Serve's router: of two replicas it samples (both, when there
+are two), the one with fewer ongoing requests; a request is ongoing exactly while it waits in that
+replica's queue or runs, so the signal is the queue length. A replica answers 429 itself when its
+queue is full, which the router avoids while the other sampled replica has room (up to races
+within a burst: routings at the same instant may read the same counts).
 
 Ray places each replica in a placement group of one bundle, STRICT_PACK: its CPUs and, on GPUs,
 one GPU per rank, so Ray gives the replica (and the rank processes it starts) their own devices.
@@ -40,11 +42,12 @@ logger = logging.getLogger("ditserve")
 
 APPLICATION = "ditserve"
 BOARD = "ditserve-replica-board"
-REPLICA_HEADER = "x-ditserve-replica"
 _REPORT_EVERY_S = 1.0
+_CONTROL_SLOTS = 8  # requests a replica takes beyond its queue: /health, /metrics, url fetches
 # Ray Serve runs user code and the proxy's router on event loops of their own threads by default;
-# on the replica's and proxy's main loops a request skips two thread hops (1-client latency on the
-# benchmark: +17% -> +6% over a plain server). Read by the processes Ray starts for a local cluster.
+# on the replica's and proxy's main loops a request skips two thread hops (1-client latency over a
+# plain server in benchmarks/ray_replicas.py: +17-32% -> +11-15%). Read by the processes Ray starts
+# for a local cluster; a cluster joined with --ray-address keeps its own settings.
 _RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 _RATE_WINDOW_S = 10.0
 
@@ -148,9 +151,10 @@ class RayPlan:
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": world_size if on_gpus else 0},
             "placement_group_bundles": [bundle],
             "placement_group_strategy": "STRICT_PACK",
-            # a request is ongoing while queued or running in the replica, so the queue bound is the
-            # replica's bound too; the replica answers 429 itself beyond its queue
-            "max_ongoing_requests": engine_config.max_queue_size + 1,
+            # a generation is ongoing while queued or running in the replica; the slots beyond the
+            # queue keep /health, /metrics and url fetches flowing to a replica whose queue is full
+            # (which answers a generation 429 itself)
+            "max_ongoing_requests": engine_config.max_queue_size + _CONTROL_SLOTS,
             "health_check_period_s": 1.0,
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 30.0,

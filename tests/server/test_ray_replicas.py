@@ -4,12 +4,13 @@ metrics, a replica replaced after its rank is killed, and nothing left running a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,11 +23,13 @@ from tests.helpers import ServerProcess, alive, b64_pixels, served, wait_until
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")
 
 REPLICA = "x-ditserve-replica"
-STEPS = 3
+STEPS, SIDE = 6, 128  # long enough that 8 concurrent requests overlap and spread by queue length
+QUEUE = 8  # per replica: 8 concurrent requests fit even in one
+LONG = dict(num_inference_steps=200, size="1024x1024")  # minutes of work here (one at a time: batch size 1)
 
 
 def generate(server: ServerProcess, timeout: float = 300, **fields) -> httpx.Response:
-    body = {"prompt": "a cat", "size": "64x64", "num_inference_steps": STEPS, **fields}
+    body = {"prompt": "a cat", "size": f"{SIDE}x{SIDE}", "num_inference_steps": STEPS, **fields}
     return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=timeout)
 
 
@@ -51,15 +54,33 @@ def replica_processes(server: ServerProcess) -> dict[str, tuple[int, list[int]]]
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
-    yield from served(tmp_path_factory, "ray", "tiny/z-image", "--replicas", "2", "--cpus-per-replica", "1")
+    yield from served(tmp_path_factory, "ray", "tiny/z-image", "--replicas", "2", "--cpus-per-replica", "1",
+                      "--max-queue-size", str(QUEUE), "--max-batch-size", "1")
 
 
 def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replicas: ServerProcess):
+    """One replica is busy with a long request; 8 concurrent requests then go to the idle one first
+    (the least loaded), all are answered, each image equal to a single server's for its seed."""
     seeds = list(range(40, 48))
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda seed: generate(replicas, seed=seed, prompt=f"cat {seed}"), seeds))
+
+    async def scenario() -> tuple[str, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=replicas.url, timeout=600) as client:
+            long = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "a cat", **LONG}))
+            await asyncio.to_thread(wait_until, lambda: any(r["running"] for r in cluster(replicas).values()), 120,
+                                    "the long request running")
+            busy = next(name for name, r in cluster(replicas).items() if r["running"])
+            body = {"size": f"{SIDE}x{SIDE}", "num_inference_steps": STEPS}
+            quick = [asyncio.create_task(client.post("/v1/images/generations", json={
+                **body, "prompt": f"cat {seed}", "seed": seed})) for seed in seeds]
+            await asyncio.wait(quick, return_when=asyncio.FIRST_COMPLETED)  # (from the idle replica)
+            long.cancel()  # frees the busy replica for the requests queued behind it
+            await asyncio.gather(long, return_exceptions=True)
+            return busy, await asyncio.gather(*quick)
+
+    busy, responses = asyncio.run(scenario())
     assert [r.status_code for r in responses] == [200] * 8
-    assert len({r.headers[REPLICA] for r in responses}) == 2
+    answered_by = {r.headers[REPLICA] for r in responses}
+    assert answered_by - {busy} and len(answered_by | {busy}) == 2  # the idle replica took requests
     # every replica reports to /metrics (per replica and in total), whichever replica answers
     wait_until(lambda: sum(r["images"] for r in cluster(replicas).values()) >= 8, 30, "the board caught up")
     text = httpx.get(f"{replicas.url}/metrics").text
@@ -69,8 +90,35 @@ def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replica
     with Omni(model="tiny/z-image") as omni:
         for seed, response in zip(seeds, responses):
             alone = omni.generate(f"cat {seed}", OmniDiffusionSamplingParams(
-                seed=seed, num_inference_steps=STEPS, height=64, width=64))[0].images[0]
+                seed=seed, num_inference_steps=STEPS, height=SIDE, width=SIDE))[0].images[0]
             assert np.abs(b64_pixels(response.json()["data"][0]["b64_json"]) - np.asarray(alone)).max() <= 1, seed
+
+
+def test_429_only_once_every_replica_is_full(replicas: ServerProcess):
+    """Long requests sent one at a time (each admitted before the next) go where there is room:
+    all 16 are admitted, 8 per replica, and only then is a request refused."""
+    def admitted() -> list[int]:
+        return sorted(int(r["queue_depth"] + r["running"]) for r in cluster(replicas).values())
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=replicas.url, timeout=600) as client:
+            body = {"prompt": "a cat", **LONG}
+            long = []
+            for count in range(1, 2 * QUEUE + 1):
+                long.append(asyncio.create_task(client.post("/v1/images/generations", json=body)))
+                await asyncio.to_thread(wait_until, lambda: sum(admitted()) == count or long[-1].done(), 120,
+                                        f"{count} admitted")
+                assert not long[-1].done(), long[-1].result().text  # not refused while a queue had room
+            assert admitted() == [QUEUE, QUEUE]
+            extra = await client.post("/v1/images/generations", json={"prompt": "more", "size": "64x64"})
+            for task in long:  # disconnect: each replica stops its work at the next step
+                task.cancel()
+            await asyncio.gather(*long, return_exceptions=True)
+            return extra
+
+    extra = asyncio.run(scenario())
+    assert extra.status_code == 429 and extra.json()["error"]["code"] == "queue_full"
+    wait_until(lambda: not any(admitted()), 120, "idle")
 
 
 def test_a_url_made_by_one_replica_is_served_by_the_other(replicas: ServerProcess):
@@ -79,7 +127,7 @@ def test_a_url_made_by_one_replica_is_served_by_the_other(replicas: ServerProces
     fetched = [httpx.get(url) for _ in range(40)]  # Ray picks replicas at random among the less loaded
     others = [f for f in fetched if f.headers[REPLICA] != maker]
     assert others and all(f.status_code == 200 and f.content == fetched[0].content for f in fetched)
-    assert Image.open(io.BytesIO(fetched[0].content)).size == (64, 64)
+    assert Image.open(io.BytesIO(fetched[0].content)).size == (SIDE, SIDE)
 
 
 def test_a_replica_whose_rank_dies_fails_its_request_and_ray_replaces_it(replicas: ServerProcess):
@@ -103,14 +151,31 @@ def test_a_replica_whose_rank_dies_fails_its_request_and_ray_replaces_it(replica
     assert [r.status_code for r in after] == [200] * 4
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Ray's GCS and raylet, the actors under the raylet, their ranks)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = set(), [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
 def test_sigterm_leaves_no_process(replicas: ServerProcess):
-    """Last: stops the module's server (Ray, the replicas, every rank)."""
-    pids = [pid for actor, ranks in replica_processes(replicas).values() for pid in (actor, *ranks)]
-    assert any(alive(pid) for pid in pids)
+    """Last: stops the module's server: Ray's processes, the replicas and every rank go with it."""
+    below = descendants(replicas.process.pid)
+    ranks = {pid for _, pids in replica_processes(replicas).values() for pid in pids if alive(pid)}
+    assert len(ranks) == 2 and ranks <= below
     replicas.stop()
     assert replicas.process.returncode == 0
-    wait_until(lambda: not any(alive(pid) for pid in pids), 30, "replicas and ranks gone")
-    assert not [line for line in os.popen("ps -eo args").read().splitlines() if line.startswith("ray::")]
+    wait_until(lambda: not any(alive(pid) for pid in below), 30, "every process it started gone")
 
 
 def test_each_replica_reserves_its_devices_and_autoscaling_passes_through():
@@ -123,7 +188,7 @@ def test_each_replica_reserves_its_devices_and_autoscaling_passes_through():
     assert options["placement_group_bundles"] == [{"CPU": 4, "GPU": 4.0}]  # one GPU per rank, on one node
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 4}
-    assert options["max_ongoing_requests"] == config.max_queue_size + 1
+    assert options["max_ongoing_requests"] > config.max_queue_size  # room for /health, /metrics, urls
     autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
     options = RayPlan(autoscaling=autoscaling).deployment_options(config, on_gpus=False)
     assert options["autoscaling_config"] == autoscaling and "num_replicas" not in options
