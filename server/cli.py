@@ -132,8 +132,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     for kind in ("text-encoder", "vae"):
         parser.add_argument(f"--{kind}-offload", default=None, metavar="DEVICE",
                             help=f"keep the {kind.replace('-', ' ')} on DEVICE (cpu, cuda:1...) between uses and "
-                                 "bring it to the rank's device for each use: less GPU memory, one copy each way "
-                                 "per request")
+                                 "copy it to the rank's device for each use: less GPU memory, one copy per use")
     parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                         help=f"seconds every rank may take to load (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
     parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
@@ -206,12 +205,12 @@ def _ray_plan(args: argparse.Namespace):
     except ImportError as exc:
         raise SystemExit(f"serve: error: --replicas, --ray-address and --autoscaling need Ray Serve: "
                          f"pip install 'ditserve[ray]' ({exc})")
-    if args.replicas < 1:
-        raise SystemExit(f"serve: error: --replicas={args.replicas} must be at least 1")
     try:
         autoscaling = None if args.autoscaling is None else json.loads(args.autoscaling)
     except json.JSONDecodeError as exc:
         raise SystemExit(f"serve: error: --autoscaling must be a JSON object: {exc}")
+    if autoscaling is not None and not isinstance(autoscaling, dict):
+        raise SystemExit(f"serve: error: --autoscaling must be a JSON object, not {args.autoscaling}")
     return RayPlan(args.replicas, args.ray_address, autoscaling, args.cpus_per_replica)
 
 
@@ -221,6 +220,8 @@ def serve_main(argv: list[str] | None = None) -> None:
 
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replicas < 1:
+        raise SystemExit(f"serve: error: --replicas={args.replicas} must be at least 1")
     plan = _ray_plan(args) if _on_ray(args) else None
     if plan is not None and args.enable_lora_loading:
         raise SystemExit("serve: error: --enable-lora-loading changes one server's adapters; with replicas, load "

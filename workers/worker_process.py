@@ -62,14 +62,13 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
         parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port)
         family = load_family(spec.family_name)
         shards, whole, load_s = _load_models(rank, spec)
-        models = {**shards, **whole}
         executor = DitExecutor(shards["transformer"], family.sequence_parallel)
-        components = models
+        components = {**shards, **whole}
         if rank == 0:
             for name in shards.keys() - {"transformer"}:  # the text-encoder shards the TP group runs together
                 forward_broadcast.install_driver_hook(name, shards[name])
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
-            pipeline = load_pipeline(spec, **models)
+            pipeline = load_pipeline(spec, **components)
             components = pipeline.components
             store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
             adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
@@ -123,8 +122,9 @@ def _load_models(rank: int, spec: WorkerSpec) -> tuple[Models, Models, dict[str,
             whole[name] = load_whole_model(library, class_name, spec.model_path / name, home, dtype, dummy)
             seconds[name] = time.perf_counter() - started
     for name, model in {**shards, **whole}.items():
-        if home_device(name, spec.offload, device) != device:
-            offload(model, home_device(name, spec.offload, device), device)
+        home = home_device(name, spec.offload, device)
+        if home != device:
+            offload(model, home, device)
     return shards, whole, seconds
 
 

@@ -202,3 +202,7 @@ def test_runtime_lora_loading_is_refused_with_replicas():
         serve_main(["tiny/z-image", "--replicas", "2", "--enable-lora-loading"])
     with pytest.raises(SystemExit, match="--autoscaling must be a JSON object"):
         serve_main(["tiny/z-image", "--autoscaling", "{min_replicas: 1}"])
+    with pytest.raises(SystemExit, match="--autoscaling must be a JSON object, not"):
+        serve_main(["tiny/z-image", "--autoscaling", "[1, 4]"])
+    with pytest.raises(SystemExit, match="--replicas=0 must be at least 1"):
+        serve_main(["tiny/z-image", "--replicas", "0"])
