@@ -24,7 +24,7 @@ pytest.importorskip("ray.serve", reason="the ray extra is not installed")
 
 REPLICA = "x-ditserve-replica"
 STEPS, SIDE = 6, 128  # long enough that 8 concurrent requests overlap and spread by queue length
-QUEUE = 8  # per replica: 8 concurrent requests fit even in one
+QUEUE = 9  # per replica: 8 concurrent requests fit even in the one already running a long request
 LONG = dict(num_inference_steps=200, size="1024x1024")  # minutes of work here (one at a time: batch size 1)
 
 
