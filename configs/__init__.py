@@ -3,6 +3,14 @@
 Every layer may read this package; it imports nothing from server/, engine/ or workers/.
 """
 
+from configs.engine_defaults import (
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MODEL,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    DTYPES,
+    LOAD_FORMATS,
+)
 from configs.families import (
     AttentionRule,
     BufferRule,
@@ -34,6 +42,12 @@ from configs.sampling import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_LORAS",
+    "DEFAULT_MAX_LORA_RANK",
+    "DEFAULT_MODEL",
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "DTYPES",
+    "LOAD_FORMATS",
     "AttentionRule",
     "BufferRule",
     "BuiltinModel",

@@ -1,6 +1,6 @@
 """The engine: resolves models, validates requests, and drives the rank processes."""
 
-from configs import LoraAdapter, OmniDiffusionSamplingParams
+from configs import DEFAULT_MODEL, LoraAdapter, OmniDiffusionSamplingParams
 from engine.async_engine import AsyncEngine, EngineConfig, EngineState
 from engine.errors import (
     EngineError,
@@ -15,7 +15,7 @@ from engine.errors import (
     WorkerGroupDied,
     WorkerStartupError,
 )
-from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
+from engine.model_resolver import ResolvedModel, resolve_model
 from engine.omni import Omni
 from engine.outputs import OmniRequestOutput, PartialImage
 from engine.parallel_config import DiffusionParallelConfig

@@ -19,16 +19,16 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from configs import OmniDiffusionSamplingParams
+from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_STARTUP_TIMEOUT_S, OmniDiffusionSamplingParams
 from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
-from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraRegistry
+from engine.loras import LoraRegistry
 from engine.metrics import Metrics
 from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, checked_offload, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
+from engine.worker_group import WorkerGroup
 from workers import (
     AdapterInfo,
     GenerationBatch,

@@ -14,10 +14,7 @@ from collections.abc import Mapping
 from configs import MAX_LORA_SCALE, LoraAdapter
 from engine.errors import InvalidRequestError, LoraLoadError, LoraNotFound
 from engine.worker_group import WorkerGroup
-from workers import AdapterCommand, AdapterCommandDone, AdapterInfo, WorkerSpec
-
-DEFAULT_MAX_LORAS = WorkerSpec.max_loras
-DEFAULT_MAX_LORA_RANK = WorkerSpec.max_lora_rank
+from workers import AdapterCommand, AdapterCommandDone, AdapterInfo
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:

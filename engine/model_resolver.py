@@ -27,7 +27,6 @@ from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
 BUILTIN_PREFIX = "builtin/"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-DEFAULT_MODEL = "builtin/shapes"
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,19 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from configs import OmniDiffusionSamplingParams
-from engine.loras import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraRegistry
-from engine.model_resolver import DEFAULT_MODEL, ResolvedModel, resolve_model
+from configs import (
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MODEL,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    OmniDiffusionSamplingParams,
+)
+from engine.loras import LoraRegistry
+from engine.model_resolver import ResolvedModel, resolve_model
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
 from engine.parallel_config import DiffusionParallelConfig, worker_spec
 from engine.sampling import PromptInput, build_request
-from engine.worker_group import DEFAULT_STARTUP_TIMEOUT_S, WorkerGroup
+from engine.worker_group import WorkerGroup
 from workers import AdapterInfo, GenerationBatch, GenerationPartial, GenerationRequest
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DTYPES, LOAD_FORMATS
 from engine.model_resolver import ResolvedModel
 from engine.worker_group import free_port, usable_cores
 from workers import RankLayout, WorkerSpec
@@ -13,8 +14,6 @@ from workers.offload import OFFLOADABLE
 from workers.sharded_loading import component_config, sharded_components
 from workers.tensor_parallel import ShardPlanner, config_value, head_shares
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "dummy")
 # Of a device's memory, what the parameters may take at most when `auto` chooses the TP size; the
 # rest is for activations, the CUDA context and the allocator's slack.
 AUTO_PARAMETER_SHARE = 0.8
@@ -119,7 +118,7 @@ def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
 
 def worker_spec(
     model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto",
-    max_loras: int = WorkerSpec.max_loras, max_lora_rank: int = WorkerSpec.max_lora_rank,
+    max_loras: int = DEFAULT_MAX_LORAS, max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     offload: dict[str, str] | None = None,
 ) -> WorkerSpec:
     """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks.

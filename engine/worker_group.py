@@ -20,6 +20,7 @@ from concurrent.futures import Future
 
 import torch.multiprocessing as mp
 
+from configs import DEFAULT_STARTUP_TIMEOUT_S
 from engine.errors import WorkerGroupDied, WorkerStartupError
 from engine.memory_report import format_size
 from workers import (
@@ -39,9 +40,6 @@ from workers.worker_process import run_worker
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
-# Reading 50+ GB of weights from a slow disk takes minutes; waiting for it costs nothing, because
-# the ranks that finish first wait outside any timed collective (forward_broadcast's doorbell).
-DEFAULT_STARTUP_TIMEOUT_S = 1800.0
 _STOP_GRACE_S = 10.0
 _spawn_lock = threading.Lock()
 

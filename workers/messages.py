@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from configs import SamplingParams
+from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class WorkerSpec:
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
-    max_loras: int = 4  # LoRA adapters resident on the ranks at once (least recently used dropped beyond)
-    max_lora_rank: int = 128  # adapters of a higher rank are refused
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
 
     @property

@@ -1,0 +1,153 @@
+"""What the command lines run once their arguments are parsed (server/cli.py parses)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+
+import pydantic
+import torch
+import uvicorn
+
+from configs import OmniDiffusionSamplingParams
+from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
+from engine.loras import parse_lora_modules
+from engine.memory_report import format_report, memory_report
+from engine.tiny_models import TINY_PREFIX, write_tiny_model
+from engine.worker_group import usable_cores
+from server.app import create_app
+from server.settings import ServerSettings
+
+
+def make_tiny(args: argparse.Namespace) -> None:
+    path = write_tiny_model(args.name.removeprefix(TINY_PREFIX), args.directory)
+    print(f"wrote tiny/{args.name.removeprefix(TINY_PREFIX)} to {path}")
+
+
+def memory(args: argparse.Namespace) -> None:
+    model = resolve_model(args.model, configs_only=True)
+    layout = _parallel_config(args).layout
+    ranks = memory_report(model, layout, getattr(torch, args.dtype))
+    print(format_report(model, layout, args.dtype, ranks))
+
+
+def _parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
+    return DiffusionParallelConfig(args.tensor_parallel_size, args.ulysses_degree, args.cfg_parallel_size)
+
+
+def _auto_parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
+    """`--parallel auto`: one rank per CUDA device (per core, up to 8, on a CPU), layout by the model."""
+    if (args.tensor_parallel_size, args.ulysses_degree, args.cfg_parallel_size) != (1, 1, 1):
+        raise ValueError("--parallel auto chooses the sizes itself: leave out --tensor-parallel-size, "
+                         "--ulysses-degree and --cfg-parallel-size")
+    model = resolve_model(args.model, configs_only=True)
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        devices, device_memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+    else:
+        devices, device_memory = min(8, usable_cores()), None
+    full_precision = args.dtype == "float32" or (args.dtype == "auto" and device_memory is None)  # auto on a CPU
+    dtype = torch.float32 if full_precision else torch.bfloat16
+    config, reason = DiffusionParallelConfig.auto(devices, model, device_memory, dtype)
+    logging.getLogger("ditserve").info("--parallel auto on %d device(s): %s (%s)", devices,
+                                       config.layout.describe(), reason)
+    return config
+
+
+def _sampling_overrides(text: str | None) -> OmniDiffusionSamplingParams:
+    if not text:
+        return OmniDiffusionSamplingParams()
+    try:
+        return pydantic.TypeAdapter(OmniDiffusionSamplingParams).validate_python(json.loads(text))
+    except (json.JSONDecodeError, pydantic.ValidationError) as exc:
+        fields = ", ".join(f.name for f in dataclasses.fields(OmniDiffusionSamplingParams))
+        raise SystemExit(f"serve: error: --default-sampling-params must be a JSON object with fields {fields}: {exc}")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would die
+    of the signal; a server that shut down cleanly should exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def _on_ray(args: argparse.Namespace) -> bool:
+    return args.replicas > 1 or args.ray_address is not None or args.autoscaling is not None
+
+
+def _ray_plan(args: argparse.Namespace):
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's log lines as they are (read when ray is imported)
+    try:
+        from server.ray_replicas import RayPlan
+    except ImportError as exc:
+        raise SystemExit(f"serve: error: --replicas, --ray-address and --autoscaling need Ray Serve: "
+                         f"pip install 'ditserve[ray]' ({exc})")
+    try:
+        autoscaling = None if args.autoscaling is None else json.loads(args.autoscaling)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"serve: error: --autoscaling must be a JSON object: {exc}")
+    if autoscaling is not None and not isinstance(autoscaling, dict):
+        raise SystemExit(f"serve: error: --autoscaling must be a JSON object, not {args.autoscaling}")
+    return RayPlan(args.replicas, args.ray_address, autoscaling, args.cpus_per_replica)
+
+
+def serve(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replicas < 1:
+        raise SystemExit(f"serve: error: --replicas={args.replicas} must be at least 1")
+    plan = _ray_plan(args) if _on_ray(args) else None
+    if plan is not None and args.enable_lora_loading:
+        raise SystemExit("serve: error: --enable-lora-loading changes one server's adapters; with replicas, load "
+                         "adapters at start with --lora-modules")
+    try:
+        config = EngineConfig(
+            model=args.model,
+            parallel=_auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args),
+            dtype=args.dtype,
+            load_format=args.load_format,
+            default_overrides=_sampling_overrides(args.default_sampling_params),
+            max_queue_size=args.max_queue_size,
+            max_batch_size=args.max_batch_size,
+            request_timeout_s=args.request_timeout,
+            startup_timeout_s=args.startup_timeout,
+            lora_modules=parse_lora_modules(args.lora_modules),
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            text_encoder_offload=args.text_encoder_offload,
+            vae_offload=args.vae_offload,
+        )
+        # a bad name fails here, before anything starts
+        resolve_model(args.model, configs_only=args.load_format == "dummy")
+    except ValueError as exc:
+        raise SystemExit(f"serve: error: {exc}")
+    settings = ServerSettings(
+        model=args.model,
+        served_model_name=args.served_model_name or args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_upload_bytes=args.max_upload_bytes,
+        enable_lora_loading=args.enable_lora_loading,
+        enable_playground=not args.disable_playground,
+        image_store_dir=args.image_store_dir,
+    )
+    if plan is not None:
+        from server.ray_replicas import serve_on_ray
+
+        serve_on_ray(config, settings, plan)
+        return
+    engine = AsyncEngine(config)
+    app = create_app(engine, settings)
+    _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=args.shutdown_timeout)).run()
+    if engine.state is EngineState.FAILED:
+        raise SystemExit(f"serve: error: {engine.failure}")
+
+
