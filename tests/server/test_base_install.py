@@ -1,5 +1,6 @@
-"""The base install (no `ray` extra) never imports Ray, and `serve` stays ditserve's own command
-even though Ray's package installs a script of the same name."""
+"""The base install (no `ray` extra) never imports Ray, `serve` stays ditserve's own command
+even though Ray's package installs a script of the same name, and parsing a command line imports
+no engine."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def test_serve_and_ditserve_serve_are_ours_with_ray_installed():
     for command in ([SERVE, "--help"], [str(Path(SERVE).with_name("ditserve")), "serve", "--help"]):
         shown = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert shown.returncode == 0 and "--tensor-parallel-size" in shown.stdout and "--replicas" in shown.stdout
+
+
+def test_the_command_lines_parse_without_importing_the_engine():
+    """`serve --help` and argument errors answer at once: parsing imports configs/ only."""
+    check = ("import sys; from server.cli import build_parser, build_serve_parser; build_parser(); "
+             "build_serve_parser().parse_args(['tiny/z-image', '--tensor-parallel-size', '2']); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'engine'}))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
