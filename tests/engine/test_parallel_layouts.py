@@ -82,11 +82,12 @@ def test_the_memory_report_covers_every_axis():
 
 
 def test_serve_parallel_auto_takes_one_rank_per_core_on_a_cpu(monkeypatch):
-    from server import cli
+    from server import cli, commands
 
-    monkeypatch.setattr(cli, "usable_cores", lambda: 2)
-    config = cli._auto_parallel_config(cli.build_serve_parser().parse_args(["tiny/qwen-image", "--parallel", "auto"]))
+    monkeypatch.setattr(commands, "usable_cores", lambda: 2)
+    parsed = cli.build_serve_parser().parse_args(["tiny/qwen-image", "--parallel", "auto"])
+    config = commands._auto_parallel_config(parsed)
     assert (config.tensor_parallel_size, config.ulysses_degree, config.cfg_parallel_size) == (1, 1, 2)
     explicit = cli.build_serve_parser().parse_args(["tiny/qwen-image", "--parallel", "auto", "--usp", "2"])
     with pytest.raises(ValueError, match="--parallel auto chooses the sizes itself"):
-        cli._auto_parallel_config(explicit)
+        commands._auto_parallel_config(explicit)
