@@ -19,7 +19,6 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +45,8 @@ def running(setup: str, args: argparse.Namespace) -> Iterator[str]:
             request(url, args, seed)
         yield url
     finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
 
 
 def paired_latency(args: argparse.Namespace) -> dict[str, float]:

@@ -20,7 +20,7 @@ from configs import (
     load_all_families,
 )
 
-RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,9 +116,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK,
                         help=f"adapters of a higher rank are refused (default {DEFAULT_MAX_LORA_RANK})")
     parser.add_argument("--enable-lora-loading", action="store_true",
-                        default=os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
+                        default=os.environ.get(_RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key; "
-                             f"also env {RUNTIME_LORA_ENV}=true, as in vLLM)")
+                             f"also env {_RUNTIME_LORA_ENV}=true, as in vLLM)")
     parser.add_argument("--disable-playground", action="store_true",
                         help="do not serve the web playground at / and /playground")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
