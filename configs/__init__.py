@@ -4,8 +4,11 @@ Every layer may read this package; it imports nothing from server/, engine/ or w
 """
 
 from configs.engine_defaults import (
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_LORA_RANK,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_MEGAPIXEL_STEPS,
+    DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_MODEL,
     DEFAULT_STARTUP_TIMEOUT_S,
     DTYPES,
@@ -42,6 +45,9 @@ from configs.sampling import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_MAX_MEGAPIXEL_STEPS",
+    "DEFAULT_MAX_QUEUE_SIZE",
     "DEFAULT_MAX_LORAS",
     "DEFAULT_MAX_LORA_RANK",
     "DEFAULT_MODEL",

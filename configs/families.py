@@ -37,6 +37,17 @@ class SizeLimits(_Strict):
         return max(self.min, min(self.max, rounded))
 
 
+class TextLimit(_Strict):
+    """How long a prompt may be, in tokens of the family's longest text encoder's `tokenizer`
+    (a pipeline folder). Longer prompts are truncated by the pipeline (diffusers' behaviour for
+    every family); a larger max_sequence_length is refused. rope_table: a transformer config key
+    whose first entry bounds the caption positions (Z-Image: captions padded to 32, then the image)."""
+
+    max_tokens: int
+    tokenizer: str
+    rope_table: str | None = None
+
+
 class HeadLayout(_Strict):
     """Where a model's config keeps its attention shape (dotted keys reach nested configs)."""
 
@@ -153,6 +164,7 @@ class FamilyConfig(_Strict):
     # another kind: "image-to-image" (an image, no mask) and "inpaint" (an image and a mask).
     edit_pipelines: dict[Literal["image-to-image", "inpaint"], str] = {}
     size: SizeLimits
+    text: TextLimit
     # The fewest denoising steps the family's published scheduler handles (fewer give NaN sigmas).
     min_inference_steps: int = 1
     tiny: TinyRecipe

@@ -19,7 +19,15 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DEFAULT_STARTUP_TIMEOUT_S, OmniDiffusionSamplingParams
+from configs import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_MEGAPIXEL_STEPS,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    OmniDiffusionSamplingParams,
+)
 from engine.batching import take_batch
 from engine.errors import EngineNotReady, GenerationError, QueueFull, RequestTimedOut, error_for
 from engine.loras import LoraRegistry
@@ -31,6 +39,7 @@ from engine.sampling import PromptInput, build_request
 from engine.worker_group import WorkerGroup
 from workers import (
     AdapterInfo,
+    FailureKind,
     GenerationBatch,
     GenerationFailure,
     GenerationPartial,
@@ -39,6 +48,10 @@ from workers import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _failed_in_pipeline(result: object) -> bool:
+    return isinstance(result, GenerationFailure) and result.kind is FailureKind.PIPELINE_ERROR
 
 
 class EngineState(enum.Enum):
@@ -56,8 +69,9 @@ class EngineConfig:
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy": full-size random weights from the configurations, no checkpoint
     default_overrides: OmniDiffusionSamplingParams = dataclasses.field(default_factory=OmniDiffusionSamplingParams)
-    max_queue_size: int = 64  # requests waiting or running
-    max_batch_size: int = 8  # images per pipeline call
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting or running
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # images per pipeline call
+    max_megapixel_steps: float | None = DEFAULT_MAX_MEGAPIXEL_STEPS  # one request's work cap (None: no cap)
     request_timeout_s: float | None = None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S  # for every rank to load
     warm_up: bool = True
@@ -92,6 +106,7 @@ class _Pending:
     submitted: float
     started: float | None = None
     on_partial: Callable[[PartialImage], None] | None = None
+    alone: bool = False  # runs in a batch of its own: its shared batch failed (see `_run_batch`)
 
 
 class AsyncEngine:
@@ -108,6 +123,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._lock = threading.Lock()
         self._task: asyncio.Task | None = None
+        self._draining = False
         self.metrics.queue_depth.set_function(lambda: len(self._waiting))
         self.metrics.running.set_function(lambda: len(self._running))
         layout = config.parallel.layout
@@ -146,11 +162,33 @@ class AsyncEngine:
         if group is not None:
             await asyncio.to_thread(group.close)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Before shutting down: admit nothing more, let admitted requests finish for up to
+        `timeout_s`, then answer the rest EngineNotReady (503) and stop the running batch."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while (self._waiting or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [*self._waiting, *self._running]
+        if left:
+            logger.warning("shutting down: %d request(s) not done after %g s get 503", len(left), timeout_s)
+            if self._group is not None:
+                for pending in self._running:
+                    self._group.cancel(pending.request.request_id)
+            self._fail_all(EngineNotReady(self.not_ready_reason()))
+
     @property
     def healthy(self) -> bool:
         return self.state is EngineState.READY and self._group is not None and self._group.alive
 
+    @property
+    def accepting(self) -> bool:
+        """Healthy and not shutting down: what /health reports and what admission requires."""
+        return self.healthy and not self._draining
+
     def not_ready_reason(self) -> str:
+        if self._draining:
+            return "the server is shutting down"
         if self.state is EngineState.LOADING:
             return f"model {self.config.model!r} is still loading"
         if self.state is EngineState.FAILED:
@@ -175,9 +213,11 @@ class AsyncEngine:
               on_partial: Callable[[PartialImage], None] | None = None) -> _Pending:
         """Validate and queue one request (raises at once what `generate` raises before running);
         `result` waits for it. A streaming response admits first, so these errors are plain HTTP errors."""
-        if not self.healthy:
+        if not self.accepting:
             raise EngineNotReady(self.not_ready_reason())
-        request = build_request(self.model, prompt, params, self.loras)
+        request = build_request(self.model, prompt, params, self.loras, self.config.max_megapixel_steps)
+        for warning in request.warnings:
+            logger.warning("request %s: %s", request.request_id, warning)
         admitted = len(self._waiting) + len(self._running)
         if admitted >= self.config.max_queue_size:
             raise QueueFull(f"{admitted} requests are already admitted (max_queue_size={self.config.max_queue_size})")
@@ -258,13 +298,30 @@ class AsyncEngine:
             results = await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
         finally:
             self._running = []
+        retried = self._retry_alone(batch, results)
         for pending, result in zip(batch, results):
-            if not pending.future.done():  # done: cancelled by its caller
+            if not pending.future.done() and pending not in retried:  # done: cancelled by its caller
                 if isinstance(result, BaseException):
                     pending.future.set_exception(result)
                 else:
                     pending.future.set_result(result)
         self._observe(results)
+
+    def _retry_alone(self, batch: list[_Pending], results: list) -> list[_Pending]:
+        """When a shared batch fails in the pipeline (an error that may come from one request's
+        input), its requests go back to the front of the queue to run one by one: the request that
+        caused it fails again, alone; the others get the images they would have had (batching
+        changes no image). Found by running each alone rather than by bisection: a batch holds at
+        most max_batch_size images, and each retry's answer is final."""
+        if len(batch) < 2 or not any(_failed_in_pipeline(result) for result in results):
+            return []
+        retried = [p for p, result in zip(batch, results) if _failed_in_pipeline(result) and not p.future.done()]
+        for pending in retried:
+            pending.alone = True
+        logger.warning("a batch of %d requests failed (%s); running each alone", len(batch),
+                       next(r.message for r in results if _failed_in_pipeline(r)))
+        self._waiting[:0] = retried
+        return retried
 
     def _partial_handler(self, callback: Callable[[PartialImage], None]) -> Callable[[GenerationPartial], None]:
         """From the group's reader thread onto the event loop."""

@@ -2,7 +2,8 @@
 
 A batch starts with the oldest waiting request and takes, in arrival order, every later request
 with the same batch key until it holds `max_images` images. The oldest request always runs next,
-so no request waits behind others forever, whatever their parameters.
+so no request waits behind others forever, whatever their parameters. A request marked `alone`
+(the engine runs each request of a failed batch again by itself) never shares a call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from workers import GenerationRequest
 
 class HasRequest(Protocol):
     request: GenerationRequest
+    alone: bool
 
 
 def batch_key(request: GenerationRequest) -> Hashable:
@@ -28,13 +30,15 @@ def batch_key(request: GenerationRequest) -> Hashable:
 def take_batch(waiting: Sequence[HasRequest], max_images: int) -> list[HasRequest]:
     """The next batch: the oldest item plus compatible later ones (the oldest alone may exceed max_images)."""
     head = waiting[0]
+    if head.alone:
+        return [head]
     key, images = batch_key(head.request), head.request.sampling.num_outputs_per_prompt
     batch = [head]
     for item in waiting[1:]:
         count = item.request.sampling.num_outputs_per_prompt
         if images + count > max_images:
             break
-        if batch_key(item.request) == key:
+        if not item.alone and batch_key(item.request) == key:
             batch.append(item)
             images += count
     return batch

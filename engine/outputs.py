@@ -21,6 +21,7 @@ class OmniRequestOutput:
     num_inference_steps: int = 0
     batch_images: int = 1  # images in the pipeline call that produced this output
     timings: dict[str, float] = field(default_factory=dict)  # total_s, inference_s, queue_s, step_s (mean)
+    warnings: list[str] = field(default_factory=list)  # served, but not quite as asked (prompt truncated, ...)
 
 
 @dataclass
@@ -55,4 +56,5 @@ def output_from_result(
         num_inference_steps=request.sampling.num_inference_steps,
         batch_images=result.batch_images,
         timings=timings,
+        warnings=list(request.warnings),
     )

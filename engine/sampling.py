@@ -14,7 +14,10 @@ from engine.errors import InvalidRequestError
 from engine.loras import LoraRegistry
 from engine.masks import inpainting_mask
 from engine.model_resolver import ResolvedModel
+from engine.prompt_text import max_text_tokens, prompt_tokens
 from workers import GenerationRequest
+
+_SIZE_RATIO_WARNED = 4  # pixel counts more than this far from the model's default size get a warning
 
 
 @dataclass
@@ -48,9 +51,10 @@ def new_seed() -> int:
 
 
 def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusionSamplingParams,
-                  adapters: LoraRegistry | None = None) -> GenerationRequest:
+                  adapters: LoraRegistry | None = None, max_megapixel_steps: float | None = None) -> GenerationRequest:
     """Fill unset values from the model's defaults and check every value; InvalidRequestError says what
-    is wrong. `adapters`: the LoRA adapters `params.loras` may name."""
+    is wrong. `adapters`: the LoRA adapters `params.loras` may name; `max_megapixel_steps`: the most
+    work (width x height / 1e6 x steps x n) one request may ask for."""
     family = model.family
     if params.loras and adapters is None:
         raise InvalidRequestError("no LoRA adapters are loaded", "loras")
@@ -65,6 +69,9 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
     if prompt.images and params.height is None and params.width is None:  # an edit keeps its input's size
         width, height = prompt.images[0].size
         params = dataclasses.replace(params, width=family.size.nearest(width), height=family.size.nearest(height))
+    text_limit = max_text_tokens(family, model.path)
+    if params.max_sequence_length is None and (model.defaults.max_sequence_length or 0) > text_limit:
+        params = dataclasses.replace(params, max_sequence_length=text_limit)
     seed = new_seed() if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED:
         raise InvalidRequestError(f"seed={seed} must be between 0 and {MAX_SEED}", "seed")
@@ -79,6 +86,21 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         raise InvalidRequestError(
             f"num_inference_steps={sampling.num_inference_steps} is too few for {family.name} models: its scheduler "
             f"needs at least {family.min_inference_steps}", "num_inference_steps")
+    if sampling.max_sequence_length is not None and not 1 <= sampling.max_sequence_length <= text_limit:
+        raise InvalidRequestError(f"max_sequence_length={sampling.max_sequence_length} must be between 1 and "
+                                  f"{text_limit} for {model.name!r}", "max_sequence_length")
+    if max_megapixel_steps is not None and sampling.width is not None:
+        work = sampling.width * sampling.height / 1e6 * sampling.num_inference_steps * sampling.num_outputs_per_prompt
+        if work > max_megapixel_steps:
+            raise InvalidRequestError(
+                f"this request asks for {work:g} megapixel-steps ({sampling.width}x{sampling.height}, "
+                f"{sampling.num_inference_steps} steps, n={sampling.num_outputs_per_prompt}); this server runs at "
+                f"most {max_megapixel_steps:g} per request: ask for fewer steps, images or pixels", "size")
+    if pipeline != "main":
+        _check_strength(sampling)
+        images, mask = _resized_to(sampling, prompt.images, mask)
+        prompt = dataclasses.replace(prompt, images=images)
+    warnings = _warnings(model, prompt.prompt, sampling)
 
     negatives = (prompt.negative_prompt, params.negative_prompt, model.defaults.negative_prompt)
     return GenerationRequest(
@@ -91,12 +113,56 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         mask=mask,
         pipeline=pipeline,
         loras=loras,
+        warnings=warnings,
     )
+
+
+def _check_strength(sampling: SamplingParams) -> None:
+    """The image-to-image and inpaint pipelines run the last steps x strength steps (diffusers'
+    `get_timesteps`); none at all is their ValueError after the model ran the text encoder."""
+    if sampling.strength is None:
+        return
+    steps = sampling.num_inference_steps
+    skipped = int(max(steps - min(steps * sampling.strength, steps), 0))
+    if steps - skipped < 1:
+        raise InvalidRequestError(
+            f"strength={sampling.strength:g} with num_inference_steps={steps} leaves no denoising step: use a "
+            f"strength of at least {1 / steps:.3g} (or more steps)", "strength")
+
+
+def _resized_to(sampling: SamplingParams, images: list[Image.Image],
+                mask: Image.Image | None) -> tuple[list[Image.Image], Image.Image | None]:
+    """Image-to-image and inpainting make an image of the input's size, so an input of another size
+    than the one asked is resized to it first (as OpenAI's edits do: the output has the asked size)."""
+    size = (sampling.width, sampling.height)
+    if sampling.width is None or all(image.size == size for image in images):
+        return images, mask
+    resized = [image.resize(size, Image.Resampling.LANCZOS) for image in images]
+    return resized, mask.resize(size, Image.Resampling.NEAREST) if mask is not None else None
+
+
+def _warnings(model: ResolvedModel, prompt: str, sampling: SamplingParams) -> tuple[str, ...]:
+    """What a caller should know about a request that is served, but not quite as asked."""
+    warnings = []
+    tokens = prompt_tokens(model.family, model.path, prompt)
+    if tokens is not None and sampling.max_sequence_length is not None and tokens > sampling.max_sequence_length:
+        warnings.append(f"prompt truncated: it has {tokens} tokens and the model reads the first "
+                        f"{sampling.max_sequence_length} (max_sequence_length)")
+    trained = (model.defaults.height or 0) * (model.defaults.width or 0)
+    asked = (sampling.height or 0) * (sampling.width or 0)
+    if trained and asked and not trained / _SIZE_RATIO_WARNED <= asked <= trained * _SIZE_RATIO_WARNED:
+        warnings.append(f"size {sampling.width}x{sampling.height} is far from the {model.defaults.width}x"
+                        f"{model.defaults.height} {model.name!r} is made for: expect a poor image")
+    return tuple(warnings)
 
 
 def _edit_pipeline(model: ResolvedModel, prompt: PromptInput) -> tuple[str, Image.Image | None]:
     """Which pipeline runs the prompt ("main" or one of the family's edit_pipelines), and its mask."""
     family = model.family
+    largest = max((max(image.size) for image in prompt.images), default=0)
+    if largest > family.size.max:
+        raise InvalidRequestError(f"input images may have sides of at most {family.size.max} pixels for "
+                                  f"{family.name} models; got {largest}", "image")
     if (prompt.mask is not None or not family.is_edit) and prompt.images:
         smallest = min(min(image.size) for image in prompt.images)
         if smallest < family.size.min:

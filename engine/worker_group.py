@@ -8,6 +8,7 @@ Future at once when any rank dies, so no caller waits on a group that cannot ans
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing.spawn
 import os
@@ -101,6 +102,7 @@ class WorkerGroup:
         self._channels = RankChannels(
             requests=self._context.Queue(), cancels=self._context.Queue(), events=self._context.Queue(),
             doorbells=[self._context.Queue() for _ in range(spec.world_size - 1)],
+            fault_flag=self._context.RawValue(ctypes.c_int, 0),
         )
         self._processes: list = []
         self._pending: dict[str, Future] = {}

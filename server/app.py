@@ -18,9 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import AsyncEngine, EngineState
+from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
 from server.image_store import DirectoryImageStore, ImageStore
 from server.images_api import images_router
+from server.openapi import install_openapi
 from server.playground import playground_router
 from server.request_recorder import RequestRecorder
 from server.settings import ServerSettings
@@ -75,6 +77,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     engine.loras.reserved_names |= settings.model_names  # an adapter may not take a name the base model answers to
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestRecorder, metrics=engine.metrics,
                        headers={"x-ditserve-replica": settings.replica_name} if settings.replica_name else {})
     started = int(time.time())
@@ -89,9 +93,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.healthy:
+        if engine.accepting:
             return JSONResponse({"status": "ok", "model": settings.served_model_name})
-        return JSONResponse({"status": engine.state.value, "detail": engine.not_ready_reason()}, status_code=503)
+        status = "stopping" if engine.healthy else engine.state.value
+        return JSONResponse({"status": status, "detail": engine.not_ready_reason()}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -117,6 +122,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     if settings.enable_lora_loading:
         @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_api_key)])
         async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+            refusal = settings.lora_paths.refusal(body.lora_path)
+            if refusal is not None:
+                raise APIError(400, refusal, "lora_path", "lora_path_not_allowed")
             await engine.load_lora(body.lora_name, body.lora_path)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

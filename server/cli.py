@@ -11,8 +11,11 @@ import os
 import sys
 
 from configs import (
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_LORA_RANK,
     DEFAULT_MAX_LORAS,
+    DEFAULT_MAX_MEGAPIXEL_STEPS,
+    DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_MODEL,
     DEFAULT_STARTUP_TIMEOUT_S,
     DTYPES,
@@ -87,12 +90,15 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                         help="auto (default): read the checkpoint; dummy: build the full-size model from its "
                              "configuration with random weights (published hub ids need nothing on disk)")
-    parser.add_argument("--max-batch-size", type=int, default=8,
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
-                             "and n run together (default 8; 1 turns batching off)")
-    parser.add_argument("--max-queue-size", type=int, default=64,
+                             f"and n run together (default {DEFAULT_MAX_BATCH_SIZE}; 1 turns batching off)")
+    parser.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
                         help="requests admitted at once (waiting or running); more get 429 with Retry-After "
-                             "(default 64)")
+                             f"(default {DEFAULT_MAX_QUEUE_SIZE})")
+    parser.add_argument("--max-megapixel-steps", type=float, default=DEFAULT_MAX_MEGAPIXEL_STEPS,
+                        help="the most work one request may ask for, width x height / 1e6 x steps x n; more get "
+                             f"400 (default {DEFAULT_MAX_MEGAPIXEL_STEPS:g}: 2048x2048, 50 steps, 4 images fit)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds before a request is answered 504 (default: no limit)")
     for kind in ("text-encoder", "vae"):
@@ -105,8 +111,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,
                         help="largest accepted image upload, per file (default 20 MiB); larger get 413")
+    parser.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                        help="largest accepted JSON request body (default 4 MiB); larger get 413")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client may take to send a request's headers before the connection is "
+                             "closed (default 10); idle keep-alive connections close after 5")
     parser.add_argument("--shutdown-timeout", type=float, default=60.0,
-                        help="on SIGTERM, seconds to let admitted requests finish before failing them (default 60)")
+                        help="on SIGTERM, seconds to let admitted requests finish; then the rest get 503 and the "
+                             "server exits (default 60)")
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="LoRA adapters to load at start (a folder, a .safetensors file or a hub id each); a "
                              "request uses one with \"model\": NAME, several with \"loras\"")
@@ -115,6 +127,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
                              f"dropped and read again on use (default {DEFAULT_MAX_LORAS})")
     parser.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK,
                         help=f"adapters of a higher rank are refused (default {DEFAULT_MAX_LORA_RANK})")
+    parser.add_argument("--allowed-lora-paths", nargs="+", default=None, metavar="DIR",
+                        help="runtime LoRA loading reads adapters only under these folders (default: the folders "
+                             "of --lora-modules); hub ids only when 'hub' is listed")
     parser.add_argument("--enable-lora-loading", action="store_true",
                         default=os.environ.get(_RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key; "

@@ -8,18 +8,21 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 
 import pydantic
 import torch
 import uvicorn
 
 from configs import OmniDiffusionSamplingParams
-from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
+from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, resolve_model
 from engine.loras import parse_lora_modules
 from engine.memory_report import format_report, memory_report
 from engine.tiny_models import TINY_PREFIX, write_tiny_model
 from engine.worker_group import usable_cores
 from server.app import create_app
+from server.connection_limits import http_protocol
+from server.lora_paths import LoraPathPolicy
 from server.settings import ServerSettings
 
 
@@ -67,15 +70,45 @@ def _sampling_overrides(text: str | None) -> OmniDiffusionSamplingParams:
         raise SystemExit(f"serve: error: --default-sampling-params must be a JSON object with fields {fields}: {exc}")
 
 
+# After the drain, what uvicorn still waits for: the 503s and stream error events being written.
+_ANSWER_GRACE_S = 5.0
+
+
 class _Server(uvicorn.Server):
-    """uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would die
-    of the signal; a server that shut down cleanly should exit 0 instead."""
+    """uvicorn, with a shutdown that answers everyone: on SIGTERM it stops accepting, lets admitted
+    requests finish for up to `drain_timeout_s`, then answers the rest 503 (a stream gets an error
+    event) before uvicorn closes the connections. uvicorn alone would cancel them (plain-text 500).
+
+    uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would die of the
+    signal; a server that shut down cleanly should exit 0 instead (1 if the model could not serve)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout_s: float):
+        super().__init__(config)
+        self.engine, self.drain_timeout_s = engine, drain_timeout_s
 
     @contextlib.contextmanager
     def capture_signals(self):
         with super().capture_signals():
             yield
             self._captured_signals.clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        await self.engine.drain(self.drain_timeout_s)
+        await super().shutdown(sockets)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading the model: a taken port fails `serve` at once, not after the load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"serve: error: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _on_ray(args: argparse.Namespace) -> bool:
@@ -115,6 +148,7 @@ def serve(args: argparse.Namespace) -> None:
             default_overrides=_sampling_overrides(args.default_sampling_params),
             max_queue_size=args.max_queue_size,
             max_batch_size=args.max_batch_size,
+            max_megapixel_steps=args.max_megapixel_steps,
             request_timeout_s=args.request_timeout,
             startup_timeout_s=args.startup_timeout,
             lora_modules=parse_lora_modules(args.lora_modules),
@@ -134,7 +168,9 @@ def serve(args: argparse.Namespace) -> None:
         port=args.port,
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
+        max_request_bytes=args.max_request_bytes,
         enable_lora_loading=args.enable_lora_loading,
+        lora_paths=LoraPathPolicy.from_flags(args.allowed_lora_paths, config.lora_modules),
         enable_playground=not args.disable_playground,
         image_store_dir=args.image_store_dir,
     )
@@ -143,11 +179,13 @@ def serve(args: argparse.Namespace) -> None:
 
         serve_on_ray(config, settings, plan)
         return
+    sock = _listening_socket(args.host, args.port)
     engine = AsyncEngine(config)
     app = create_app(engine, settings)
-    _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                           timeout_graceful_shutdown=args.shutdown_timeout)).run()
-    if engine.state is EngineState.FAILED:
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    http=http_protocol(args.header_timeout), timeout_graceful_shutdown=_ANSWER_GRACE_S)
+    _Server(uvicorn_config, engine, args.shutdown_timeout).run(sockets=[sock])
+    if engine.failure is not None:  # could not load, or could not restart: a supervisor must see it
         raise SystemExit(f"serve: error: {engine.failure}")
 
 

@@ -134,9 +134,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        # 400: FastAPI could not read the body (invalid UTF-8, JSON nested too deep); 405 keeps its Allow header
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {error.detail}"
-        return error_response(APIError(error.status_code, message, code=code))
+        return error_response(APIError(error.status_code, message, code=code, headers=dict(error.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

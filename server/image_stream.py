@@ -45,7 +45,15 @@ def stream_response(engine: AsyncEngine, prompts: list[PromptInput], api_request
         raise
     n = params.num_outputs_per_prompt or 1
     body = _event_stream(engine, admitted, events, api_request, event_prefix, n, on_done)
-    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    warnings = [w for pending in admitted for w in pending.request.warnings]
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", **warning_headers(warnings)})
+
+
+def warning_headers(warnings: list[str]) -> dict[str, str]:
+    """A request served, but not quite as asked (prompt truncated, size far from the model's), says
+    so in one header; the same text is in the server log."""
+    return {"x-ditserve-warning": "; ".join(dict.fromkeys(warnings))} if warnings else {}
 
 
 async def _event_stream(engine: AsyncEngine, admitted: list, events: asyncio.Queue, api_request: ImageRequest,

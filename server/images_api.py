@@ -6,7 +6,7 @@ import asyncio
 import base64
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import StreamingResponse
@@ -15,7 +15,7 @@ from engine import AsyncEngine, OmniDiffusionSamplingParams, OmniRequestOutput, 
 from server.errors import APIError, invalid
 from server.image_codec import MEDIA_TYPES, decode_upload, encode
 from server.image_store import ImageStore
-from server.image_stream import stream_response
+from server.image_stream import stream_response, warning_headers
 from server.request_recorder import RequestLog, request_log
 from server.schemas import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequest, ImagesResponse
 from server.settings import ServerSettings
@@ -29,13 +29,14 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     @router.post("/v1/images/generations", response_model_exclude_none=True,
                  dependencies=[Depends(_requires_json)])
     async def generations(
-        body: ImageGenerationRequest, request: Request, log: RequestLog = Depends(request_log)
+        body: ImageGenerationRequest, request: Request, response: Response, log: RequestLog = Depends(request_log)
     ) -> ImagesResponse:
         params = _sampling_params(body, engine, settings, edit=False)
         prompt = PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt)
         if body.stream:
             return _stream(engine, settings, [prompt], body, params, log, "image_generation")
         outputs = await _generate_all(request, engine, settings, [prompt], body, params, log)
+        response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
         return await _response(request, body, outputs, store)
 
     @router.post(
@@ -43,7 +44,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         openapi_extra={"requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": ImageEditRequest.form_schema()}}}},
     )
-    async def edits(request: Request, log: RequestLog = Depends(request_log)) -> ImagesResponse:
+    async def edits(request: Request, response: Response, log: RequestLog = Depends(request_log)) -> ImagesResponse:
         fields, images, mask = await _multipart(request, settings.max_upload_bytes)
         body = ImageEditRequest.model_validate(fields)
         params = _sampling_params(body, engine, settings, edit=True)
@@ -57,6 +58,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         if body.stream:
             return _stream(engine, settings, prompts, body, params, log, "image_edit")
         outputs = await _generate_all(request, engine, settings, prompts, body, params, log)
+        response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
         return await _response(request, body, outputs, store)
 
     return router

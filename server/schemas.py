@@ -35,6 +35,11 @@ def _unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", "{message}", {"message": message})
 
 
+def _invalid(message: str) -> PydanticCustomError:
+    """pydantic formats an error's template with its context: the message goes in whole."""
+    return PydanticCustomError("invalid_value", "{message}", {"message": message})
+
+
 class ImageRequest(BaseModel):
     """Fields shared by generations and edits. Unknown fields are rejected, as OpenAI does."""
 
@@ -75,15 +80,14 @@ class ImageRequest(BaseModel):
             try:
                 return json.loads(loras)
             except json.JSONDecodeError:
-                raise PydanticCustomError("invalid_value", "loras must be a JSON list of {{name, scale}}", {}) from None
+                raise _invalid("loras must be a JSON list of {name, scale} objects") from None
         return loras
 
     @field_validator("size")
     @classmethod
     def _size_is_auto_or_width_x_height(cls, size: str | None) -> str | None:
         if size not in (None, "auto") and not _SIZE.match(size):
-            raise PydanticCustomError(
-                "invalid_value", "size={size!r} is not 'auto' or WIDTHxHEIGHT such as '1024x1024'", {"size": size})
+            raise _invalid(f"size={size!r} is not 'auto' or WIDTHxHEIGHT such as '1024x1024'")
         return size
 
     @field_validator("stream")
@@ -133,8 +137,10 @@ class ImageEditRequest(ImageRequest):
 
     @classmethod
     def form_schema(cls) -> dict[str, Any]:
-        """OpenAPI schema of the whole multipart body: these fields plus the image files."""
-        schema = cls.model_json_schema()
+        """OpenAPI schema of the whole multipart body: these fields plus the image files. Nested
+        models point into the document's components (server/openapi.py puts them there)."""
+        schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.pop("$defs", None)
         binary = {"type": "string", "format": "binary"}
         schema["properties"] = {
             "image": {"anyOf": [binary, {"type": "array", "items": binary}],
@@ -145,6 +151,19 @@ class ImageEditRequest(ImageRequest):
         }
         schema["required"] = ["image", *schema.get("required", [])]
         return schema
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends: OpenAI's envelope."""
+
+    error: ErrorDetail
 
 
 class ImageData(BaseModel):

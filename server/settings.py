@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from server.lora_paths import LoraPathPolicy
 
 
 @dataclass(frozen=True)
@@ -13,8 +15,10 @@ class ServerSettings:
     port: int = 8091
     api_key: str | None = None
     max_upload_bytes: int = 20 * 2**20
+    max_request_bytes: int = 4 * 2**20  # JSON bodies
     url_ttl_s: float = 3600.0
     enable_lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    lora_paths: LoraPathPolicy = field(default_factory=lambda: LoraPathPolicy(roots=()))  # what loading may read
     enable_playground: bool = True     # the page at / and /playground
     image_store_dir: str | None = None  # response_format=url images in this (shared) directory, not in memory
     replica_name: str | None = None  # under Ray Serve: sent as x-ditserve-replica on every response

@@ -8,6 +8,9 @@ import tempfile
 # Set before anything imports the engine: spawned rank processes inherit the environment.
 os.environ["DITSERVE_CACHE"] = tempfile.mkdtemp(prefix="ditserve-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Every rank the suite starts (servers included) raises in its DiT while this file names it (inject_fault).
+FAULT_FILE = os.path.join(os.environ["DITSERVE_CACHE"], "inject-fault")
+os.environ["DITSERVE_FAULT_FILE"] = FAULT_FILE
 
 import pytest  # noqa: E402
 
@@ -15,6 +18,18 @@ from engine.tiny_adapters import build_random_adapter  # noqa: E402
 from engine.tiny_models import cached_tiny_model  # noqa: E402
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
+
+
+@pytest.fixture
+def inject_fault():
+    """inject_fault(rank, times=1): that rank of whichever group runs next raises in its next `times`
+    DiT calls (workers/fault_injection.py); cleared after the test."""
+    def arm(rank: int, times: int = 1) -> None:
+        with open(FAULT_FILE, "w") as handle:
+            handle.write(f"{rank} {times}")
+    yield arm
+    if os.path.exists(FAULT_FILE):
+        os.remove(FAULT_FILE)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ driver rings when a batch starts; it sends IDLE when the batch is done.
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from workers import parallel_state
+
+logger = logging.getLogger(__name__)
 
 FORWARD, ADAPTERS, IDLE, STOP = "forward", "adapters", "idle", "stop"
 _DOORBELL_POLL_S = 1.0
@@ -60,12 +63,12 @@ def _fill_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
 def _broadcast_tensor(tensor: torch.Tensor) -> None:
     # gloo has no bool all-reduce/broadcast: move bools as bytes.
     parallel_state.count("broadcast", tensor.numel() * tensor.element_size())
-    with parallel_state.collective():
+    with parallel_state.collective(abortable=False):
         dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
 
 
 def _broadcast_object(box: list) -> None:
-    with parallel_state.collective():
+    with parallel_state.collective(abortable=False):
         dist.broadcast_object_list(box, src=0)
 
 
@@ -114,6 +117,14 @@ def install_driver_hook(name: str, module: nn.Module) -> None:
     module.register_forward_pre_hook(broadcast_inputs, with_kwargs=True)
 
 
+def end_batch() -> str | None:
+    """Driver side, after every batch: send the followers back to their doorbells, and settle the
+    batch with them (parallel_state.settle): the first rank's error if any rank failed in it."""
+    if parallel_state.layout().world_size > 1:
+        send(IDLE)
+    return parallel_state.settle()
+
+
 def ring(doorbells: list) -> None:
     """Driver side: wake every follower before the first collective of a batch (or of the stop)."""
     for doorbell in doorbells:
@@ -133,18 +144,28 @@ def _wait_for_the_doorbell(doorbell, engine_alive: Callable[[], bool]) -> bool:
 @torch.inference_mode()
 def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_alive: Callable[[], bool]) -> None:
     """Follower loop: after each ring, run every broadcast forward with the named handler until the
-    driver says idle (wait for the next ring) or stop. A rank without a handler for a name (a text
-    encoder it does not hold) only receives the call. handlers[ADAPTERS] takes adapter commands."""
+    driver says idle (settle the batch, wait for the next ring) or stop. A rank without a handler for
+    a name (a text encoder it does not hold) only receives the call. handlers[ADAPTERS] takes adapter
+    commands. An error in a handler fails the batch, not the rank: it is reported to every rank
+    (parallel_state.report_fault), this rank goes on receiving, and the batch's settle tells all."""
     while _wait_for_the_doorbell(doorbell, engine_alive):
         while True:
             command, tree = receive()
             if command == STOP:
                 return
             if command == IDLE:
+                parallel_state.settle()
                 break
-            if command == ADAPTERS:
-                handlers[ADAPTERS](tree)
-                continue
-            name, calls, exchange = tree
-            if name in handlers:
-                handlers[name](calls, exchange)
+            try:
+                if command == ADAPTERS:
+                    handlers[ADAPTERS](tree)
+                    continue
+                name, calls, exchange = tree
+                if name in handlers:
+                    handlers[name](calls, exchange)
+            except Exception as exc:  # noqa: BLE001 - the batch fails on every rank; this rank serves on
+                if parallel_state.group_broken():
+                    raise
+                if not isinstance(exc, parallel_state.CollectivesAborted):
+                    logger.exception("a broadcast %s call failed on this rank", command)
+                parallel_state.report_fault(exc)

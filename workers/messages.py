@@ -87,6 +87,7 @@ class RankChannels:
     cancels: Any  # cancelled request ids to the driver
     events: Any  # ready, results and failures from every rank
     doorbells: list  # one per follower, rung by the driver when work starts
+    fault_flag: Any = None  # a shared int: set by a rank that failed inside a batch (parallel_state.report_fault)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class GenerationRequest:
     mask: Image.Image | None = None  # "L", white = change; same size as images[0]
     pipeline: str = "main"  # the family's loaded pipeline, or one of its edit_pipelines (image-to-image, inpaint)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), added in this order
+    warnings: tuple[str, ...] = ()  # for the caller (the engine's; ranks ignore them)
 
     @property
     def image_seeds(self) -> list[int]:

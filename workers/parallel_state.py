@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import datetime
 import math
+import multiprocessing.sharedctypes
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from workers.messages import RankLayout
-from workers.shm_exchange import SharedMemoryGroup, shape_header, shapes_from_header
+from workers.shm_exchange import CollectivesAborted, SharedMemoryGroup, shape_header, shapes_from_header
+
+__all__ = ["CollectivesAborted"]  # re-exported: what a rank's collectives raise after a peer's fault
 
 # Within a batch followers wait in a broadcast while the driver runs the VAE or the scheduler;
 # between batches and during loading they wait outside any collective (forward_broadcast's
@@ -50,6 +54,9 @@ class _State:
     calls: collections.Counter = field(default_factory=collections.Counter)  # collective -> calls
     bytes: collections.Counter = field(default_factory=collections.Counter)  # collective -> bytes sent
     broken: bool = False
+    # set by any rank that fails inside a batch (shared by the group's processes), cleared by `settle`
+    fault_flag: ctypes.c_int = field(default_factory=lambda: multiprocessing.sharedctypes.RawValue(ctypes.c_int, 0))
+    fault_message: str | None = None
 
 
 _state: _State | None = None
@@ -63,10 +70,11 @@ def _current() -> _State:
 
 def initialize(
     rank: int, layout: RankLayout, device_type: str, master_port: int,
-    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, fault_flag: ctypes.c_int | None = None,
 ) -> None:
     """Join the world (NCCL on CUDA, gloo on CPU) over loopback, then every axis group; no process
-    group at world size 1. On x86 CPUs each group of two or more also gets a shared-memory exchange."""
+    group at world size 1. On x86 CPUs each group of two or more also gets a shared-memory exchange.
+    `fault_flag`: a shared int every rank of the group was given (see `report_fault`)."""
     global _state
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     groups = {}
@@ -74,6 +82,8 @@ def initialize(
         mine = next(g for g in layout.groups(axis) if rank in g)
         groups[axis] = _Group(mine, mine.index(rank))
     _state = _State(rank, layout, device, groups)
+    if fault_flag is not None:
+        _state.fault_flag = fault_flag
     if layout.world_size == 1:
         return
     timeout = datetime.timedelta(seconds=collective_timeout_s)
@@ -98,7 +108,7 @@ def initialize(
             if use_shared_memory:
                 name = f"ditserve-{os.getppid()}-{master_port}-{axis}-{ranks[0]}"
                 group.shared_memory = SharedMemoryGroup(group.index, group.size, name, collective_timeout_s,
-                                                        process_group)
+                                                        process_group, aborted=lambda: bool(_state.fault_flag.value))
 
 
 def shutdown() -> None:
@@ -112,6 +122,10 @@ def device() -> torch.device:
 
 def layout() -> RankLayout:
     return _current().layout
+
+
+def rank() -> int:
+    return _current().rank
 
 
 def rank_in(axis: str) -> int:
@@ -204,11 +218,19 @@ def _gather_through_dist(tensors: list[torch.Tensor], group: _Group) -> list[lis
 
 
 @contextlib.contextmanager
-def collective() -> Iterator[None]:
-    """Wrap every collective: one that fails (a peer died, a timeout) breaks the whole group."""
+def collective(abortable: bool = True) -> Iterator[None]:
+    """Wrap every collective: one that fails (a peer died, a timeout) breaks the whole group.
+
+    After a rank's fault (`report_fault`) an abortable collective raises CollectivesAborted instead
+    of waiting for a rank that will not come; the driver's broadcasts are not abortable: they are
+    how the ranks meet again at the batch's end (`settle`)."""
     state = _current()
+    if abortable and state.fault_flag.value:
+        raise CollectivesAborted("a peer rank failed in this batch: collectives are abandoned until it ends")
     try:
         yield
+    except CollectivesAborted:
+        raise
     except Exception:
         state.broken = True
         raise
@@ -216,6 +238,39 @@ def collective() -> Iterator[None]:
 
 def group_broken() -> bool:
     return _current().broken
+
+
+def report_fault(error: BaseException) -> None:
+    """This rank failed inside a batch. Every rank's collectives stop waiting (CollectivesAborted)
+    until the batch ends, so no peer waits in one this rank will never join; an abort is not a
+    cause, so only the first other error is kept, for `settle` to report."""
+    state = _current()
+    if state.fault_message is None and not isinstance(error, CollectivesAborted):
+        state.fault_message = f"rank {state.rank}: {type(error).__name__}: {error}"
+    state.fault_flag.value = 1
+
+
+def settle() -> str | None:
+    """At the end of every batch, on every rank (the driver's IDLE): did any rank fail in it? If so,
+    the exchanges forget the abandoned calls, so the next batch starts in step, and every rank gets
+    the same answer: the lowest failed rank's error. A failure here (a peer died) breaks the group."""
+    state = _current()
+    messages = [state.fault_message]
+    if state.layout.world_size > 1:
+        messages = [None] * state.layout.world_size
+        with collective(abortable=False):
+            dist.all_gather_object(messages, state.fault_message)
+    cause = next((m for m in messages if m is not None), None)  # the same on every rank
+    if cause is None:  # no rank failed (an abort always follows some rank's error)
+        return None
+    for group in state.groups.values():
+        if group.shared_memory is not None:
+            group.shared_memory.reset()
+    if state.layout.world_size > 1:
+        with collective(abortable=False):
+            dist.barrier()
+    state.fault_flag.value, state.fault_message = 0, None
+    return cause
 
 
 def count(name: str, nbytes: int) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,9 +30,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.in
            torch.uint8, torch.complex64)
 
 
+class CollectivesAborted(RuntimeError):
+    """Another rank failed in this batch: this collective will not complete, the batch is abandoned."""
+
+
 class SharedMemoryGroup:
-    def __init__(self, index: int, size: int, name: str, timeout_s: float, group: dist.ProcessGroup | None = None):
-        self.index, self.size, self.timeout_s = index, size, timeout_s
+    def __init__(self, index: int, size: int, name: str, timeout_s: float, group: dist.ProcessGroup | None = None,
+                 aborted: Callable[[], bool] = lambda: False):
+        self.index, self.size, self.timeout_s, self._aborted = index, size, timeout_s, aborted
         path = Path("/dev/shm") / name
         flags_bytes = 8 * size
         total = flags_bytes + 2 * size * SLOT_BYTES
@@ -46,6 +52,12 @@ class SharedMemoryGroup:
         self._arrived = storage[:flags_bytes].view(torch.int64)
         self._slots = storage[flags_bytes:].view(2, size, SLOT_BYTES)
         self._sequence = 0
+
+    def reset(self) -> None:
+        """Forget every call, once every member has stopped exchanging (after an aborted batch some
+        members arrived at calls the others never reached); followed by a barrier of all members."""
+        self._sequence = 0
+        self._arrived[self.index] = 0
 
     @staticmethod
     def supported() -> bool:
@@ -129,6 +141,8 @@ class SharedMemoryGroup:
             spins += 1
             if spins % _SPINS_BEFORE_YIELD == 0:
                 time.sleep(0)  # oversubscribed cores: let the other ranks run
+                if self._aborted():
+                    raise CollectivesAborted("a peer rank failed: this exchange was abandoned")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"shared-memory exchange: ranks did not arrive within {self.timeout_s:.0f} s")
 

@@ -33,6 +33,7 @@ from workers.messages import (
     FailureKind,
     GenerationBatch,
     GenerationFailure,
+    GenerationResult,
     RankChannels,
     WorkerReady,
     WorkerSpec,
@@ -59,7 +60,8 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     _take_signals_from_the_engine()
     try:
         _configure_device(rank, spec)
-        parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port)
+        parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port,
+                                  fault_flag=channels.fault_flag)
         family = load_family(spec.family_name)
         shards, whole, load_s = _load_models(rank, spec)
         executor = DitExecutor(shards["transformer"], family.sequence_parallel)
@@ -220,9 +222,11 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
             return
         if isinstance(batch, AdapterCommand):
             forward_broadcast.ring(channels.doorbells)
-            events.put(_adapter_command(runner.adapters, batch))
-            if channels.doorbells:
-                forward_broadcast.send(forward_broadcast.IDLE)
+            done = _adapter_command(runner.adapters, batch)
+            fault = forward_broadcast.end_batch()
+            if fault is not None and done.error is None:
+                done = AdapterCommandDone(batch.request_id, error=fault, error_code="lora_load_failed")
+            events.put(done)
             continue
         live = []
         for request in batch.requests:
@@ -230,26 +234,41 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
                 events.put(GenerationFailure(request.request_id, "cancelled before it started", FailureKind.CANCELLED))
             else:
                 live.append(request)
-        if not live:
-            continue
-        forward_broadcast.ring(channels.doorbells)
-        try:
-            for result in runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live),
-                                     events.put):
-                events.put(result)
-        except BatchCancelled:
-            for request in live:
-                events.put(GenerationFailure(request.request_id, "cancelled", FailureKind.CANCELLED))
-        except Exception as exc:
-            logger.exception("batch of %d request(s) failed", len(live))
-            broken = parallel_state.group_broken()
-            for request in live:
-                events.put(GenerationFailure(
-                    request_id=request.request_id,
-                    message=f"{type(exc).__name__}: {exc}",
-                    kind=FailureKind.GROUP_BROKEN if broken else FailureKind.PIPELINE_ERROR,
-                ))
-            if broken:  # a peer rank is gone: exit so the engine sees the group is dead
+        if live:
+            for outcome in _run_batch(runner, live, channels, cancelled):
+                events.put(outcome)
+            if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
                 return
-        if channels.doorbells:
-            forward_broadcast.send(forward_broadcast.IDLE)
+
+
+def _run_batch(runner: PipelineRunner, live: list, channels: RankChannels,
+               cancelled: CancelledIds) -> list[GenerationResult | GenerationFailure]:
+    """One batch on every rank; its results, or one failure per request when any rank failed in it.
+
+    An error on any rank fails only this batch: the rank that raised reports it, every rank's
+    collectives stop waiting, and all ranks meet at the batch's end in step for the
+    next one (forward_broadcast.end_batch). Only a collective that failed outright (a peer died)
+    leaves the group broken."""
+    forward_broadcast.ring(channels.doorbells)
+    outcomes: list[GenerationResult | GenerationFailure] = []
+    error, kind = None, FailureKind.PIPELINE_ERROR
+    try:
+        outcomes = list(runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live),
+                                   channels.events.put))
+    except BatchCancelled:
+        error, kind = "cancelled", FailureKind.CANCELLED
+    except Exception as exc:
+        if not isinstance(exc, parallel_state.CollectivesAborted):
+            logger.exception("batch of %d request(s) failed", len(live))
+        error = f"{type(exc).__name__}: {exc}"
+        if parallel_state.group_broken():
+            kind = FailureKind.GROUP_BROKEN
+        elif parallel_state.layout().world_size > 1:
+            parallel_state.report_fault(exc)
+    if kind is not FailureKind.GROUP_BROKEN:
+        fault = forward_broadcast.end_batch()
+        if fault is not None and kind is FailureKind.PIPELINE_ERROR:
+            error = fault
+    if error is None:
+        return outcomes
+    return [GenerationFailure(request_id=r.request_id, message=error, kind=kind) for r in live]

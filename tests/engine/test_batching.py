@@ -17,6 +17,7 @@ from workers import GenerationRequest
 @dataclasses.dataclass
 class Item:
     request: GenerationRequest
+    alone: bool = False
 
 
 def item(name: str, steps: int = 4, n: int = 1, side: int = 64, images=()) -> Item:

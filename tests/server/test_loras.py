@@ -21,10 +21,16 @@ from tests.helpers import (
 
 
 @pytest.fixture(scope="module")
-def lora_server(tmp_path_factory, adapters):
+def uploads(tmp_path_factory):
+    return tmp_path_factory.mktemp("uploaded-adapters")
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory, adapters, uploads):
     paths = adapters("z-image")
     yield from served(tmp_path_factory, "lora", "tiny/z-image", "--tensor-parallel-size", "2",
-                      "--lora-modules", f"a={paths['a']}", f"b={paths['b']}", "--enable-lora-loading")
+                      "--lora-modules", f"a={paths['a']}", f"b={paths['b']}", "--enable-lora-loading",
+                      "--allowed-lora-paths", str(paths["a"].parent), str(uploads))
 
 
 def _generate(server: ServerProcess, model: str, **extra):
@@ -65,8 +71,8 @@ def test_unknown_adapters_and_misplaced_scales_are_refused(lora_server):
     assert raised.value.body["param"] == "lora_scale"
 
 
-def test_adapters_load_and_unload_at_runtime(lora_server, adapters, tmp_path):
-    corrupt = tmp_path / "broken.safetensors"
+def test_adapters_load_and_unload_at_runtime(lora_server, adapters, uploads):
+    corrupt = uploads / "broken.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
     url = lora_server.url
     response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(corrupt)})
@@ -85,6 +91,21 @@ def test_adapters_load_and_unload_at_runtime(lora_server, adapters, tmp_path):
         _generate(lora_server, "c", num_inference_steps=2)
     response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "c"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_runtime_loading_reads_only_under_the_allowed_folders(lora_server, uploads, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"\x00" * 64)
+    (uploads / "escape.safetensors").symlink_to(outside)
+    answers = []
+    for path in (str(outside), str(tmp_path / "missing.safetensors"), str(uploads / "escape.safetensors"),
+                 str(uploads / ".." / outside.name), "/etc/passwd", "org/some-hub-adapter"):
+        response = httpx.post(f"{lora_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert response.status_code == 400, path
+        answers.append(response.json()["error"])
+    # the same answer whether the file exists, does not, or is a link out of an allowed folder
+    assert all(a == answers[0] for a in answers) and answers[0]["code"] == "lora_path_not_allowed"
+    assert answers[0]["param"] == "lora_path"
 
 
 def test_runtime_loading_is_off_unless_enabled(z_image_server):

@@ -91,11 +91,11 @@ def slow_driver_and_follower(rank: int, world_size: int, port: int, doorbells, r
         time.sleep(4.0)  # a rank-0 load four times longer than any collective may wait
         forward_broadcast.ring(doorbells)
         forward_broadcast.send(forward_broadcast.FORWARD, ("double", [((torch.ones(3),), {})], False))
-        forward_broadcast.send(forward_broadcast.IDLE)
+        forward_broadcast.end_batch()
         time.sleep(2.0)  # idle between batches, again longer than the collective timeout
         forward_broadcast.ring(doorbells)
         forward_broadcast.send(forward_broadcast.FORWARD, ("double", [((torch.ones(2),), {})], False))
-        forward_broadcast.send(forward_broadcast.IDLE)
+        forward_broadcast.end_batch()
         forward_broadcast.ring(doorbells)
         forward_broadcast.send(forward_broadcast.STOP)
         results.put((rank, []))
