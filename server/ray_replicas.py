@@ -46,9 +46,17 @@ _REPORT_EVERY_S = 1.0
 _CONTROL_SLOTS = 8  # requests a replica takes beyond its queue: /health, /metrics, url fetches
 # Ray Serve runs user code and the proxy's router on event loops of their own threads by default;
 # on the replica's and proxy's main loops a request skips two thread hops (1-client latency over a
-# plain server in benchmarks/ray_replicas.py: +17-32% -> +11-15%). Read by the processes Ray starts
-# for a local cluster; a cluster joined with --ray-address keeps its own settings.
-_RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# plain server in benchmarks/ray_replicas.py: +17-32% -> +11-15%). The router leaves out a replica
+# that does not tell its queue length within 0.1 s (Ray's default), so on a loaded host an idle
+# replica could be passed over for a busy one; an image takes seconds, so waiting up to 1 s (5 s
+# after repeated misses) for an honest answer costs little. Read by the processes Ray starts for a
+# local cluster; a cluster joined with --ray-address keeps its own settings.
+_RAY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
+    "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
+}
 _RATE_WINDOW_S = 10.0
 
 

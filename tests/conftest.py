@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 # Set before anything imports the engine: spawned rank processes inherit the environment.
 os.environ["DITSERVE_CACHE"] = tempfile.mkdtemp(prefix="ditserve-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
-# Every rank the suite starts (servers included) raises in its DiT while this file names it (inject_fault).
+# Every group the suite starts (servers included) reads these (workers/testing_hooks.py): a rank
+# raises in its DiT while FAULT_FILE names it (inject_fault); a driver waits while it holds a file of HOLD_DIR.
 FAULT_FILE = os.path.join(os.environ["DITSERVE_CACHE"], "inject-fault")
+HOLD_DIR = os.path.join(os.environ["DITSERVE_CACHE"], "hold")
+os.makedirs(HOLD_DIR)
 os.environ["DITSERVE_FAULT_FILE"] = FAULT_FILE
+os.environ["DITSERVE_HOLD_DIR"] = HOLD_DIR
 
 import pytest  # noqa: E402
 
 from engine.tiny_adapters import build_random_adapter  # noqa: E402
 from engine.tiny_models import cached_tiny_model  # noqa: E402
+from workers.testing_hooks import HELD_PREFIX  # noqa: E402
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
 
@@ -23,13 +29,37 @@ TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loa
 @pytest.fixture
 def inject_fault():
     """inject_fault(rank, times=1): that rank of whichever group runs next raises in its next `times`
-    DiT calls (workers/fault_injection.py); cleared after the test."""
+    DiT calls (workers/testing_hooks.py); cleared after the test."""
     def arm(rank: int, times: int = 1) -> None:
         with open(FAULT_FILE, "w") as handle:
             handle.write(f"{rank} {times}")
     yield arm
     if os.path.exists(FAULT_FILE):
         os.remove(FAULT_FILE)
+
+
+class Holds:
+    """Worker groups held before a DiT call until released (workers/testing_hooks.py): each armed
+    token holds the first group that finds it."""
+
+    def arm(self, count: int = 1) -> None:
+        for _ in range(count):
+            with open(os.path.join(HOLD_DIR, f"token-{uuid.uuid4().hex}"), "w"):
+                pass
+
+    def held(self) -> int:
+        return sum(name.startswith(HELD_PREFIX) for name in os.listdir(HOLD_DIR))
+
+    def release(self) -> None:
+        for name in os.listdir(HOLD_DIR):
+            os.remove(os.path.join(HOLD_DIR, name))
+
+
+@pytest.fixture
+def holds():
+    holder = Holds()
+    yield holder
+    holder.release()
 
 
 @pytest.fixture(scope="session")

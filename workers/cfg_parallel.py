@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from configs.families import CfgParallelPlan, SequenceParallelPlan
-from workers import fault_injection, forward_broadcast, parallel_state, sequence_parallel
+from workers import forward_broadcast, parallel_state, sequence_parallel, testing_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class DitExecutor:
 
     def __call__(self, calls: list[Call | None], exchange: bool) -> list[Any]:
         """Outputs of every group's call when `exchange`, else of this group's only."""
-        fault_injection.maybe_raise(parallel_state.rank())
+        testing_hooks.raise_if_asked(parallel_state.rank())
         group = parallel_state.rank_in("cfg")
         call = calls[group] if group < len(calls) else None
         output = self._run(self.forward, *call) if call is not None else None
@@ -139,6 +139,7 @@ class CfgDispatcher:
         return (merged, *first[1:])
 
     def _run(self, calls: list[Call], exchange: bool) -> list[Any]:
+        testing_hooks.hold_if_asked()
         if parallel_state.layout().world_size > 1:
             forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange))
         return self.executor(calls, exchange)

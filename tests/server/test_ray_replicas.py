@@ -24,8 +24,8 @@ pytest.importorskip("ray.serve", reason="the ray extra is not installed")
 
 REPLICA = "x-ditserve-replica"
 STEPS, SIDE = 6, 128  # long enough that 8 concurrent requests overlap and spread by queue length
-QUEUE = 9  # per replica: 8 concurrent requests fit even in the one already running a long request
-LONG = dict(num_inference_steps=200, size="1024x1024")  # minutes of work here (one at a time: batch size 1)
+QUEUE = 9  # per replica: 8 concurrent requests fit even in the one already held
+QUICK = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
 
 
 def generate(server: ServerProcess, timeout: float = 300, **fields) -> httpx.Response:
@@ -58,31 +58,35 @@ def replicas(tmp_path_factory):
                       "--max-queue-size", str(QUEUE), "--max-batch-size", "1")
 
 
-def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replicas: ServerProcess):
-    """One replica is busy with a long request; 8 concurrent requests then go to the idle one first
-    (the least loaded), all are answered, each image equal to a single server's for its seed."""
+def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replicas: ServerProcess, holds):
+    """One replica is held inside a step (an event, not a long request); 8 concurrent requests are
+    then answered by the idle one (the least loaded) while it stays held; once released, all are
+    answered, each image equal to a single server's for its seed."""
     seeds = list(range(40, 48))
+    holds.arm(1)
 
-    async def scenario() -> tuple[str, list[httpx.Response]]:
+    async def scenario() -> tuple[str, set, list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=replicas.url, timeout=600) as client:
-            long = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "a cat", **LONG}))
-            await asyncio.to_thread(wait_until, lambda: any(r["running"] for r in cluster(replicas).values()), 120,
-                                    "the long request running")
+            held = asyncio.create_task(client.post("/v1/images/generations", json=QUICK))
+            await asyncio.to_thread(wait_until, lambda: holds.held() == 1, 120, "a replica held")
+            await asyncio.to_thread(wait_until, lambda: any(r["running"] for r in cluster(replicas).values()), 30,
+                                    "the board shows it")
             busy = next(name for name, r in cluster(replicas).items() if r["running"])
             body = {"size": f"{SIDE}x{SIDE}", "num_inference_steps": STEPS}
             quick = [asyncio.create_task(client.post("/v1/images/generations", json={
                 **body, "prompt": f"cat {seed}", "seed": seed})) for seed in seeds]
-            await asyncio.wait(quick, return_when=asyncio.FIRST_COMPLETED)  # (from the idle replica)
-            long.cancel()  # frees the busy replica for the requests queued behind it
-            await asyncio.gather(long, return_exceptions=True)
-            return busy, await asyncio.gather(*quick)
+            # bounds a hang only: a request routed to the idle replica is answered in seconds
+            done, _ = await asyncio.wait(quick, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+            while_held = {task.result().headers[REPLICA] for task in done}
+            holds.release()
+            await held
+            return busy, while_held, await asyncio.gather(*quick)
 
-    busy, responses = asyncio.run(scenario())
+    busy, while_held, responses = asyncio.run(scenario())
     assert [r.status_code for r in responses] == [200] * 8
-    answered_by = {r.headers[REPLICA] for r in responses}
-    assert answered_by - {busy} and len(answered_by | {busy}) == 2  # the idle replica took requests
+    assert while_held and busy not in while_held  # the idle replica answered while the other was held
     # every replica reports to /metrics (per replica and in total), whichever replica answers
-    wait_until(lambda: sum(r["images"] for r in cluster(replicas).values()) >= 8, 30, "the board caught up")
+    wait_until(lambda: sum(r["images"] for r in cluster(replicas).values()) >= 9, 30, "the board caught up")
     text = httpx.get(f"{replicas.url}/metrics").text
     assert re.search(r"^ditserve_cluster_replicas 2\.0$", text, re.M)
     assert float(re.search(r"^ditserve_cluster_images_per_second (\S+)$", text, re.M).group(1)) > 0
@@ -94,28 +98,30 @@ def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replica
             assert np.abs(b64_pixels(response.json()["data"][0]["b64_json"]) - np.asarray(alone)).max() <= 1, seed
 
 
-def test_429_once_every_replica_is_full(replicas: ServerProcess):
-    """Long requests sent one at a time until both queues hold QUEUE each (Ray's counts of a replica's
-    requests can lag, so one may meet a full queue early and is sent again); then a request is refused."""
+def test_429_once_every_replica_is_full(replicas: ServerProcess, holds):
+    """Both replicas held inside a step, so nothing they admit can finish; requests sent one at a
+    time until both queues hold QUEUE each (Ray's counts of a replica's requests can lag, so one may
+    meet a full queue early: it is answered 429, never lost); then any request is refused."""
     def admitted() -> list[int]:
         return sorted(int(r["queue_depth"] + r["running"]) for r in cluster(replicas).values())
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=replicas.url, timeout=600) as client:
-            body = {"prompt": "a cat", **LONG}
-            long = []
+            holds.arm(2)
+            sent = []
             while sum(admitted()) < 2 * QUEUE:
                 count = sum(admitted()) + 1
-                long.append(asyncio.create_task(client.post("/v1/images/generations", json=body)))
-                await asyncio.to_thread(wait_until, lambda: sum(admitted()) == count or long[-1].done(), 120,
+                sent.append(asyncio.create_task(client.post("/v1/images/generations", json=QUICK)))
+                await asyncio.to_thread(wait_until, lambda: sum(admitted()) == count or sent[-1].done(), 120,
                                         f"{count} admitted", poll_s=0.25)  # few /metrics calls in flight
-                if long[-1].done():
-                    assert long[-1].result().status_code == 429  # refused by a full replica, never lost
-            assert admitted() == [QUEUE, QUEUE]
+                if sent[-1].done():
+                    assert sent[-1].result().status_code == 429  # refused by a full replica, never lost
+            assert admitted() == [QUEUE, QUEUE] and holds.held() == 2
             extra = await client.post("/v1/images/generations", json={"prompt": "more", "size": "64x64"})
-            for task in long:  # disconnect: each replica stops its work at the next step
-                task.cancel()
-            await asyncio.gather(*long, return_exceptions=True)
+            holds.release()
+            answers = await asyncio.gather(*sent)
+            assert {r.status_code for r in answers} <= {200, 429} and [r.status_code for r in answers].count(200) \
+                == 2 * QUEUE
             return extra
 
     extra = asyncio.run(scenario())
