@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from PIL import Image
 
 from engine import GenerationError, OmniDiffusionSamplingParams, PromptInput
 from tests.engine.test_batching import started_engine
@@ -41,7 +42,10 @@ async def _faults_and_batches(layout: dict, inject_fault) -> dict:
         inject_fault(len(pids) - 1, times=2)
         together = await asyncio.gather(*(engine.generate(PromptInput(p), params(10 + i))
                                           for i, p in enumerate(prompts)), return_exceptions=True)
-        return dict(alone=alone, after_fault=after_fault, together=together, pids=pids,
+        # an image-to-image edit asked at another size than its input's runs on the resized input
+        edit = await engine.generate(PromptInput("a cat", images=[Image.new("RGB", (128, 128), (200, 30, 30))]),
+                                     OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64, seed=1))
+        return dict(alone=alone, after_fault=after_fault, together=together, edit=edit, pids=pids,
                     pids_after=engine._group.pids, restarts=engine.metrics.worker_restarts._value.get())
     finally:
         await engine.shutdown()
@@ -58,3 +62,4 @@ def test_a_fault_on_a_follower_fails_only_its_batch(layout, inject_fault):
         assert max_pixel_difference(batched.images[0], single.images[0]) <= 1
     # the 300-token prompt was served, truncated to what the model reads, and said so
     assert alone[1].warnings and "truncated" in alone[1].warnings[0]
+    assert seen["edit"].images[0].size == (64, 64)

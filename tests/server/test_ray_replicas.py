@@ -84,7 +84,9 @@ def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replica
 
     busy, while_held, responses = asyncio.run(scenario())
     assert [r.status_code for r in responses] == [200] * 8
-    assert while_held and busy not in while_held  # the idle replica answered while the other was held
+    routed = [r.headers[REPLICA] for r in responses]
+    # the idle replica answered while the other was held
+    assert while_held and busy not in while_held, f"held: {busy}; answered while held: {while_held}; all: {routed}"
     # every replica reports to /metrics (per replica and in total), whichever replica answers
     wait_until(lambda: sum(r["images"] for r in cluster(replicas).values()) >= 9, 30, "the board caught up")
     text = httpx.get(f"{replicas.url}/metrics").text
