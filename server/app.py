@@ -22,6 +22,7 @@ from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
 from server.image_store import DirectoryImageStore, ImageStore
 from server.images_api import images_router
+from server.lora_paths import LoraPathRefused
 from server.openapi import install_openapi
 from server.playground import playground_router
 from server.request_recorder import RequestRecorder
@@ -122,10 +123,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     if settings.enable_lora_loading:
         @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_api_key)])
         async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
-            refusal = settings.lora_paths.refusal(body.lora_path)
-            if refusal is not None:
-                raise APIError(400, refusal, "lora_path", "lora_path_not_allowed")
-            await engine.load_lora(body.lora_name, body.lora_path)
+            try:
+                path = settings.lora_paths.checked(body.lora_path)
+            except LoraPathRefused as exc:
+                raise APIError(400, str(exc), "lora_path", "lora_path_not_allowed") from None
+            await engine.load_lora(body.lora_name, path)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
         @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_api_key)])

@@ -28,13 +28,19 @@ class LoraPathPolicy:
         roots = tuple(Path(entry).expanduser().resolve() for entry in allowed if entry != HUB)
         return cls(roots, allow_hub=HUB in allowed)
 
-    def refusal(self, path: str) -> str | None:
-        """Why `path` may not be read (None: it may), in words that do not depend on the file system."""
+    def checked(self, path: str) -> str:
+        """What to load for `path`: its resolved local path (so a missing file is never taken for a
+        hub id), or a hub id where allowed; LoraPathRefused, in words that do not depend on the file
+        system, otherwise."""
         resolved = Path(path).expanduser().resolve()  # symlinks followed: a link out of a root is outside it
         if any(resolved.is_relative_to(root) for root in self.roots):
-            return None
-        if self.allow_hub and _HUB_ID.match(path):
-            return None
+            return str(resolved)
+        if self.allow_hub and _HUB_ID.match(path) and not Path(path).exists():
+            return path
         where = ", ".join(str(root) for root in self.roots) or "none (start with --allowed-lora-paths)"
         hub = "; hub ids are allowed" if self.allow_hub else ""
-        return f"lora_path is not under an allowed folder (allowed: {where}{hub})"
+        raise LoraPathRefused(f"lora_path is not under an allowed folder (allowed: {where}{hub})")
+
+
+class LoraPathRefused(ValueError):
+    pass

@@ -23,6 +23,7 @@ _ERRORS = {
     "504": "request timeout (with --request-timeout)",
 }
 _BODY_ROUTES = {"/v1/images/generations", "/v1/images/edits", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+_OTHER_ROUTES = {"/v1/models": ("401",)}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -48,7 +49,7 @@ def _document(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            if path in _BODY_ROUTES:
-                for status, description in _ERRORS.items():
-                    responses.setdefault(status, {**error, "description": description})
+            statuses = _ERRORS if path in _BODY_ROUTES else _OTHER_ROUTES.get(path, ())
+            for status in statuses:
+                responses.setdefault(status, {**error, "description": _ERRORS[status]})
     return document
