@@ -79,7 +79,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, read_timeout_s=settings.read_timeout_s)
     app.add_middleware(RequestRecorder, metrics=engine.metrics,
                        headers={"x-ditserve-replica": settings.replica_name} if settings.replica_name else {})
     started = int(time.time())

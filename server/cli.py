@@ -113,9 +113,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
                         help="largest accepted image upload, per file (default 20 MiB); larger get 413")
     parser.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                         help="largest accepted JSON request body (default 4 MiB); larger get 413")
-    parser.add_argument("--header-timeout", type=float, default=10.0,
-                        help="seconds a client may take to send a request's headers before the connection is "
-                             "closed (default 10); idle keep-alive connections close after 5")
+    parser.add_argument("--read-timeout", type=float, default=10.0,
+                        help="seconds a client may take to send a request's headers, and again its JSON body; "
+                             "slower connections are closed (a body: 408) (default 10); idle keep-alive "
+                             "connections close after 5")
     parser.add_argument("--shutdown-timeout", type=float, default=60.0,
                         help="on SIGTERM, seconds to let admitted requests finish; then the rest get 503 and the "
                              "server exits (default 60)")

@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
         max_request_bytes=args.max_request_bytes,
+        read_timeout_s=args.read_timeout,
         enable_lora_loading=args.enable_lora_loading,
         lora_paths=LoraPathPolicy.from_flags(args.allowed_lora_paths, config.lora_modules),
         enable_playground=not args.disable_playground,
@@ -183,7 +184,7 @@ def serve(args: argparse.Namespace) -> None:
     engine = AsyncEngine(config)
     app = create_app(engine, settings)
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                    http=http_protocol(args.header_timeout), timeout_graceful_shutdown=_ANSWER_GRACE_S)
+                                    http=http_protocol(args.read_timeout), timeout_graceful_shutdown=_ANSWER_GRACE_S)
     _Server(uvicorn_config, engine, args.shutdown_timeout).run(sockets=[sock])
     if engine.failure is not None:  # could not load, or could not restart: a supervisor must see it
         raise SystemExit(f"serve: error: {engine.failure}")

@@ -1,5 +1,6 @@
 """Bounds on what one client connection may cost the server: the size of a request body, and the
-time its headers may take to arrive (a client that trickles headers would hold a connection forever).
+time its headers and its body may take to arrive (a client that trickles them would hold a
+connection forever).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from server.errors import APIError, error_response
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 in OpenAI's shape, read no further.
+    """ASGI middleware: a body over `max_bytes` gets 413 in OpenAI's shape, read no further; one not
+    received within `read_timeout_s` gets 408.
 
     Multipart bodies (edits) are streamed to their parser, which bounds each file itself
     (--max-upload-bytes); every other body is read here, whole, up to the limit, and replayed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float):
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _header(scope, b"content-type").startswith("multipart/form-data"):
@@ -27,23 +29,39 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send, int(declared))
+        try:
+            message = await asyncio.wait_for(self._read(receive), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            error = APIError(408, f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                  "(--read-timeout)", code="request_timeout")
+            return await error_response(error)(scope, receive, send)
+        except _TooLarge as exc:
+            return await self._refuse(scope, receive, send, exc.size, "at least ")
+        await self.app(scope, _replay([message], receive), send)
+
+    async def _read(self, receive: Receive) -> Message:
+        """The whole body as one message, or the disconnect that ended it; _TooLarge past the limit."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                return await self.app(scope, _replay([message], receive), send)
+                return message
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._refuse(scope, receive, send, size, "at least ")
+                raise _TooLarge(size)
             more = message.get("more_body", False)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, qualifier: str = "") -> None:
         error = APIError(413, f"request body is {qualifier}{size} bytes; the limit is {self.max_bytes} bytes "
                               "(--max-request-bytes)", code="request_too_large")
         await error_response(error)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int):
+        self.size = size
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -57,7 +75,7 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 def http_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's `http=` protocol class for `serve --header-timeout`."""
+    """uvicorn's `http=` protocol class for `serve --read-timeout`."""
     return type("H11WithHeaderTimeout", (H11WithHeaderTimeout,), {"header_timeout_s": header_timeout_s})
 
 

@@ -15,6 +15,7 @@ _ERRORS = {
     "400": "invalid parameter or body",
     "401": "missing or invalid API key (with --api-key)",
     "404": "model or adapter not served",
+    "408": "request body not received within --read-timeout",
     "413": "body or upload too large",
     "415": "wrong content-type",
     "429": "queue full (Retry-After)",

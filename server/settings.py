@@ -16,6 +16,7 @@ class ServerSettings:
     api_key: str | None = None
     max_upload_bytes: int = 20 * 2**20
     max_request_bytes: int = 4 * 2**20  # JSON bodies
+    read_timeout_s: float = 10.0  # for a request's headers (the HTTP protocol), and again for its JSON body
     url_ttl_s: float = 3600.0
     enable_lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     lora_paths: LoraPathPolicy = field(default_factory=lambda: LoraPathPolicy(roots=()))  # what loading may read

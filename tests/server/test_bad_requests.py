@@ -27,7 +27,7 @@ ORDINARY = [dict(prompt="a red fox", seed=21), dict(prompt="a green frog", seed=
 @pytest.fixture(scope="module")
 def tp2_server(tmp_path_factory):
     yield from served(tmp_path_factory, "tp2-bounded", "tiny/z-image", "--tensor-parallel-size", "2",
-                      "--header-timeout", "1")
+                      "--read-timeout", "1")
 
 
 @pytest.fixture(params=["tp1", "tp2"])
@@ -128,6 +128,15 @@ def test_a_client_that_trickles_its_headers_is_cut_off(tp2_server: ServerProcess
                 closed = True
         assert closed
     assert generate(tp2_server).status_code == 200
+
+
+def test_a_client_that_stalls_in_its_body_gets_408(tp2_server: ServerProcess):
+    with socket.create_connection(("127.0.0.1", tp2_server.port)) as connection:
+        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        connection.settimeout(60)  # bounds a hang only: the server's limit is 1 s
+        answer = connection.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in answer, answer
 
 
 def test_shutdown_answers_running_and_queued_requests_503(tmp_path):
