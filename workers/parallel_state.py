@@ -257,6 +257,12 @@ def settle() -> str | None:
     state = _current()
     messages = [state.fault_message]
     if state.layout.world_size > 1:
+        # one small all-reduce when no rank failed (every batch); the messages only when one did
+        failed = torch.tensor([messages[0] is not None], dtype=torch.int32, device=state.device)
+        with collective(abortable=False):
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
+            return None
         messages = [None] * state.layout.world_size
         with collective(abortable=False):
             dist.all_gather_object(messages, state.fault_message)
