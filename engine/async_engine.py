@@ -106,7 +106,7 @@ class _Pending:
     submitted: float
     started: float | None = None
     on_partial: Callable[[PartialImage], None] | None = None
-    alone: bool = False  # runs in a batch of its own: its shared batch failed (see `_run_batch`)
+    alone: bool = False  # runs in a batch of its own: its shared batch failed (see `_retry_alone`)
 
 
 class AsyncEngine:

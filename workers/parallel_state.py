@@ -275,7 +275,11 @@ def settle() -> str | None:
     if state.layout.world_size > 1:
         with collective(abortable=False):
             dist.barrier()
-    state.fault_flag.value, state.fault_message = 0, None
+    # Rank 0 clears the flag, before it sends anything of the next batch: a follower that cleared
+    # it late could wipe a fault of that batch.
+    if state.rank == 0:
+        state.fault_flag.value = 0
+    state.fault_message = None
     return cause
 
 
