@@ -36,8 +36,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         if body.stream:
             return _stream(engine, settings, [prompt], body, params, log, "image_generation")
         outputs = await _generate_all(request, engine, settings, [prompt], body, params, log)
-        response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
-        return await _response(request, body, outputs, store)
+        return await _response(request, response, body, outputs, store)
 
     @router.post(
         "/v1/images/edits", response_model_exclude_none=True,
@@ -58,8 +57,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         if body.stream:
             return _stream(engine, settings, prompts, body, params, log, "image_edit")
         outputs = await _generate_all(request, engine, settings, prompts, body, params, log)
-        response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
-        return await _response(request, body, outputs, store)
+        return await _response(request, response, body, outputs, store)
 
     return router
 
@@ -165,8 +163,11 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _response(
-    request: Request, api_request: ImageRequest, outputs: list[OmniRequestOutput], store: ImageStore
+    request: Request, response: Response, api_request: ImageRequest, outputs: list[OmniRequestOutput],
+    store: ImageStore,
 ) -> ImagesResponse:
+    """The body, and the warnings of every output in one header."""
+    response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
     fmt = api_request.output_format
     data = []
     for output in outputs:
