@@ -3,7 +3,7 @@
 Real published shapes, shortened in depth only: SD3.5-large's DiT (4 of 38 blocks) and Qwen-Image's
 DiT (3 of 60 blocks), random weights saved in bf16 in the real checkpoint layout (several
 safetensors files with an index). Every rank of a TP group loads at the same time, as the
-workers do (`workers.sharded_loading.load_component_shard`: slices read with get_slice, straight
+workers do (`workers.parallel.sharded_loading.load_component_shard`: slices read with get_slice, straight
 to the rank's device, cast there).
 
     python benchmarks/load.py [--dtype bfloat16] [--sizes 1 2 4]
@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import diffusers
 import torch
-import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is the repository's, not installed
 
 from configs import load_family, load_published_models
-from engine.worker_group import free_port
-from workers import RankLayout, parallel_state
-from workers.sharded_loading import dit_component, load_component_shard
+from tests.helpers import run_ranks
+from workers import RankLayout
+from workers.parallel import parallel_state
+from workers.parallel.sharded_loading import dit_component, load_component_shard
 
 MODELS = {  # family, hub id, blocks kept (config key)
     "sd3": ("stabilityai/stable-diffusion-3.5-large", {"num_layers": 4}),
@@ -39,32 +42,23 @@ def write_model(family: str, root: Path) -> int:
     model = getattr(diffusers, class_name).from_config({**config, **overrides}).to(torch.bfloat16)
     model.save_pretrained(root / family / "transformer", max_shard_size="200MB")
     (root / family / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", class_name]}))
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(p.nbytes for p in model.parameters())
 
 
-def load_rank(rank: int, family: str, world_size: int, dtype: str, root: Path, port: int, results) -> None:
+def load_rank(rank: int, world_size: int, port: int, family: str, dtype: str, root: Path, results) -> None:
     torch.set_num_threads(1)
     parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port)
     started = time.perf_counter()
     shard = load_component_shard(dit_component(load_family(family)), root / family / "transformer", rank,
                                  world_size, torch.device("cpu"), getattr(torch, dtype))
     seconds = time.perf_counter() - started
-    held = sum(t.numel() * t.element_size() for t in (*shard.parameters(), *shard.buffers()))
+    held = sum(t.nbytes for t in (*shard.parameters(), *shard.buffers()))
     results.put((rank, held, seconds))
     parallel_state.shutdown()
 
 
 def measure(family: str, world_size: int, dtype: str, root: Path) -> list[tuple[int, int, float]]:
-    context = mp.get_context("spawn")
-    results, port = context.Queue(), free_port()
-    processes = [context.Process(target=load_rank, args=(r, family, world_size, dtype, root, port, results))
-                 for r in range(world_size)]
-    for process in processes:
-        process.start()
-    outcome = sorted(results.get(timeout=1800) for _ in processes)
-    for process in processes:
-        process.join()
-    return outcome
+    return run_ranks(load_rank, world_size, family, dtype, root, timeout_s=1800)
 
 
 def main() -> None:

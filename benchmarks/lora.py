@@ -21,7 +21,7 @@ from pathlib import Path
 from streaming import write_pipeline
 
 from engine import DiffusionParallelConfig, LoraAdapter, Omni, OmniDiffusionSamplingParams
-from engine.tiny_adapters import build_random_adapter
+from engine.models.tiny_adapters import build_random_adapter
 
 
 def _params(*names: str) -> OmniDiffusionSamplingParams:

@@ -18,8 +18,8 @@ import torch
 
 from engine import resolve_model
 from engine.memory_report import format_size, memory_report
-from engine.published_models import published_model_ids
-from workers.sharded_loading import build_meta_component, dit_component
+from engine.models.published_models import published_model_ids
+from workers.parallel.sharded_loading import build_meta_component, dit_component
 
 TEXT_TOKENS, IMAGE_TOKENS = 512, 4096  # per image at 1024x1024: what a gathered embedder / table moves
 

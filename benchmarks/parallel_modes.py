@@ -17,6 +17,7 @@ all-gather: Ulysses; cfg all-gather: the branches meeting; broadcast: the driver
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +26,14 @@ import diffusers
 import torch
 import torch.multiprocessing as mp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is the repository's, not installed
+
 from configs import load_family
-from engine.worker_group import free_port
-from workers import RankLayout, forward_broadcast, parallel_state
-from workers.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
-from workers.sharded_loading import dit_component, load_component_shard
+from tests.helpers import run_ranks
+from workers import RankLayout
+from workers.parallel import forward_broadcast, parallel_state
+from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.parallel.sharded_loading import dit_component, load_component_shard
 
 IMAGE_SIDE = 512
 MEDIUM = {
@@ -77,8 +81,8 @@ def step_calls(family: str) -> list[tuple[tuple, dict]]:
     return calls
 
 
-def run_rank(rank: int, family: str, layout: RankLayout, threads: int, directory: Path, port: int, steps: int,
-             doorbells, results) -> None:
+def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLayout, threads: int, directory: Path,
+             steps: int, doorbells, results) -> None:
     torch.set_num_threads(threads)
     parallel_state.initialize(rank, layout, "cpu", port)
     config = load_family(family)
@@ -107,24 +111,15 @@ def run_rank(rank: int, family: str, layout: RankLayout, threads: int, directory
     assert outputs
     if layout.world_size > 1:
         forward_broadcast.send(forward_broadcast.STOP)
-    results.put((elapsed, counters))
+    results.put((rank, elapsed, counters))
     parallel_state.shutdown()
 
 
 def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int) -> tuple[float, dict]:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    doorbells = [context.Queue() for _ in range(layout.world_size - 1)]
-    port = free_port()
-    processes = [context.Process(target=run_rank, args=(rank, family, layout, threads, directory, port, steps,
-                                                         doorbells, results))
-                 for rank in range(layout.world_size)]
-    for process in processes:
-        process.start()
-    outcome = results.get(timeout=1800)
-    for process in processes:
-        process.join()
-    return outcome
+    doorbells = [mp.get_context("spawn").Queue() for _ in range(layout.world_size - 1)]
+    [(_, elapsed, counters)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory, steps,
+                                         doorbells, timeout_s=1800, reports=1)
+    return elapsed, counters
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.worker_group import free_port
+from engine.host import free_port
 
 SERVE = str(Path(sys.executable).parent / "serve")
 

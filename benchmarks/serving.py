@@ -21,7 +21,7 @@ import httpx
 import torch
 from serve_process import start_server
 
-from engine.tiny_models import write_tiny_model
+from engine.models.tiny_models import write_tiny_model
 
 CONCURRENCY = (1, 4, 16)
 BATCH_SIZES = (1, 16)

@@ -3,17 +3,7 @@
 Every layer may read this package; it imports nothing from server/, engine/ or workers/.
 """
 
-from configs.engine_defaults import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_LORA_RANK,
-    DEFAULT_MAX_LORAS,
-    DEFAULT_MAX_MEGAPIXEL_STEPS,
-    DEFAULT_MAX_QUEUE_SIZE,
-    DEFAULT_MODEL,
-    DEFAULT_STARTUP_TIMEOUT_S,
-    DTYPES,
-    LOAD_FORMATS,
-)
+from configs.engine_options import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions
 from configs.families import (
     AttentionRule,
     BufferRule,
@@ -45,14 +35,9 @@ from configs.sampling import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_BATCH_SIZE",
-    "DEFAULT_MAX_MEGAPIXEL_STEPS",
-    "DEFAULT_MAX_QUEUE_SIZE",
-    "DEFAULT_MAX_LORAS",
-    "DEFAULT_MAX_LORA_RANK",
     "DEFAULT_MODEL",
-    "DEFAULT_STARTUP_TIMEOUT_S",
     "DTYPES",
+    "EngineOptions",
     "LOAD_FORMATS",
     "AttentionRule",
     "BufferRule",

@@ -1,7 +1,7 @@
 """The engine: resolves models, validates requests, and drives the rank processes."""
 
 from configs import DEFAULT_MODEL, LoraAdapter, OmniDiffusionSamplingParams
-from engine.async_engine import AsyncEngine, EngineConfig, EngineState
+from engine.async_engine import AsyncEngine, EngineState
 from engine.errors import (
     EngineError,
     EngineNotReady,
@@ -15,11 +15,12 @@ from engine.errors import (
     WorkerGroupDied,
     WorkerStartupError,
 )
-from engine.model_resolver import ResolvedModel, resolve_model
+from engine.intake.sampling import PromptInput
+from engine.models.resolver import ResolvedModel, resolve_model
 from engine.omni import Omni
 from engine.outputs import OmniRequestOutput, PartialImage
 from engine.parallel_config import DiffusionParallelConfig
-from engine.sampling import PromptInput
+from engine.startup import EngineConfig
 
 __all__ = [
     "AsyncEngine",

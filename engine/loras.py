@@ -2,7 +2,7 @@
 
 Adapters are named when loaded (`--lora-modules name=path`, `POST /v1/load_lora_adapter`,
 `Omni(lora_modules=...)`) and requests ask for them by name, with a scale. The ranks hold the
-weights (workers/lora.py); this registry holds the names, so a request for an unknown adapter is
+weights (workers/lora/layers.py); this registry holds the names, so a request for an unknown adapter is
 refused before it waits in the queue, and a restarted worker group gets the same adapters back.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from configs import MAX_LORA_SCALE, LoraAdapter
 from engine.errors import InvalidRequestError, LoraLoadError, LoraNotFound
 from engine.worker_group import WorkerGroup
-from workers import AdapterCommand, AdapterCommandDone, AdapterInfo
+from workers import AdapterAction, AdapterCommand, AdapterCommandDone, AdapterInfo
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:
@@ -49,7 +49,7 @@ class LoraRegistry:
                                 "lora_name")
         if name in self.adapters:
             raise LoraLoadError(f"a LoRA adapter named {name!r} is already loaded", "lora_already_loaded", "lora_name")
-        done = self._run(group, AdapterCommand(str(uuid.uuid4()), "load", name, path))
+        done = self._run(group, AdapterCommand(str(uuid.uuid4()), AdapterAction.LOAD, name, path))
         if done.error is not None:
             raise LoraLoadError(done.error, done.error_code)
         self.adapters[name] = done.adapter
@@ -58,7 +58,7 @@ class LoraRegistry:
     def unload(self, group: WorkerGroup, name: str) -> None:
         if name not in self.adapters:
             raise LoraNotFound(f"no LoRA adapter named {name!r} is loaded; loaded: {self.names}", "lora_name")
-        done = self._run(group, AdapterCommand(str(uuid.uuid4()), "unload", name))
+        done = self._run(group, AdapterCommand(str(uuid.uuid4()), AdapterAction.UNLOAD, name))
         if done.error is not None:
             raise LoraLoadError(done.error, done.error_code)
         del self.adapters[name]

@@ -31,3 +31,5 @@ class Metrics:
         self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)
         self.parallel_size = Gauge("ditserve_parallel_size", "Ranks along each axis of the parallel layout "
                                    "(tp, ulysses, cfg; world = their product)", ["axis"], registry=r)
+        self.rank_pid = Gauge("ditserve_rank_pid", "Process id of each rank of the current worker group", ["rank"],
+                              registry=r)

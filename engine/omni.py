@@ -7,19 +7,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from configs import (
-    DEFAULT_MAX_LORA_RANK,
-    DEFAULT_MAX_LORAS,
-    DEFAULT_MODEL,
-    DEFAULT_STARTUP_TIMEOUT_S,
-    OmniDiffusionSamplingParams,
-)
+from configs import DEFAULT_MODEL, OmniDiffusionSamplingParams
+from engine.errors import RequestTimedOut
+from engine.intake.sampling import PromptInput, build_request
 from engine.loras import LoraRegistry
-from engine.model_resolver import ResolvedModel, resolve_model
+from engine.models.resolver import ResolvedModel
 from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
-from engine.parallel_config import DiffusionParallelConfig, worker_spec
-from engine.sampling import PromptInput, build_request
-from engine.worker_group import WorkerGroup
+from engine.parallel_config import DiffusionParallelConfig
+from engine.startup import EngineConfig, start_group
 from workers import AdapterInfo, GenerationBatch, GenerationPartial, GenerationRequest
 
 
@@ -30,37 +25,22 @@ class Omni:
     ...     image = omni.generate("a cat", OmniDiffusionSamplingParams(seed=1))[0].images[0]
     """
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        parallel_config: DiffusionParallelConfig | None = None,
-        dtype: str = "auto",
-        load_format: str = "auto",
-        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
-        lora_modules: dict[str, str] | None = None,
-        max_loras: int = DEFAULT_MAX_LORAS,
-        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
-        text_encoder_offload: str | None = None,
-        vae_offload: str | None = None,
-    ):
-        """load_format="dummy" builds the full-size model from its configuration with random
-        weights (a published hub id needs nothing on disk): latency and memory at true size.
-        lora_modules: {name: path} of LoRA adapters to load now (more with `load_lora`); a request
-        uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)]).
-        text_encoder_offload / vae_offload: a device ("cpu") those models stay on between uses,
-        brought to the rank's device for each use."""
-        self.parallel_config = parallel_config or DiffusionParallelConfig()
-        self.model: ResolvedModel = resolve_model(model, configs_only=load_format == "dummy")
-        spec = worker_spec(self.model, self.parallel_config, dtype, load_format, max_loras, max_lora_rank,
-                           {"text_encoder": text_encoder_offload, "vae": vae_offload})
-        self.loras = LoraRegistry(max_loras, reserved_names={model})
-        self._group = WorkerGroup(spec, startup_timeout_s)
-        self._group.start()
-        try:
-            self.loras.load_all(self._group, lora_modules or {})
-        except BaseException:
-            self._group.close()
-            raise
+    def __init__(self, model: str = DEFAULT_MODEL, parallel_config: DiffusionParallelConfig | None = None,
+                 **options):
+        """options: any field of `configs.EngineOptions` (dtype, load_format, lora_modules,
+        max_loras, text_encoder_offload, request_timeout_s, ...), with the same meaning as for
+        the server. Two differ here: warm_up is off unless asked for, and the queue options
+        (max_queue_size, max_batch_size, restart_workers) have no effect: `generate` runs its
+        prompts in order. load_format="dummy" builds the full-size model from its configuration
+        with random weights (a published hub id needs nothing on disk): latency and memory at true
+        size. lora_modules: {name: path} of adapters to load now (more with `load_lora`); a
+        request uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
+        self.config = EngineConfig(model=model, parallel_config=parallel_config or DiffusionParallelConfig(),
+                                   **{"warm_up": False, **options})
+        self.parallel_config = self.config.parallel_config
+        self.loras = LoraRegistry(self.config.max_loras, reserved_names={model})
+        self.model: ResolvedModel
+        self.model, self._group = start_group(self.config, self.loras)
 
     def load_lora(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter (a folder, a .safetensors file or a hub id) under `name`; raises
@@ -84,12 +64,15 @@ class Omni:
         """
         params = sampling_params or OmniDiffusionSamplingParams()
         items = prompts if isinstance(prompts, list) else [prompts]
-        requests = [build_request(self.model, PromptInput.from_user(item), params, self.loras) for item in items]
+        requests = [build_request(self.model, PromptInput.from_user(item), params, self.loras,
+                                  self.config.max_megapixel_steps) for item in items]
         started = time.perf_counter()
         futures = [self._group.submit(GenerationBatch([request]), _partial_handlers(request, index, on_partial))[0]
                    for index, request in enumerate(requests)]
         try:
-            return [output_from_result(r, _interruptible_result(f), started) for r, f in zip(requests, futures)]
+            deadline = None if self.config.request_timeout_s is None else started + self.config.request_timeout_s
+            return [output_from_result(request, _interruptible_result(future, deadline), started)
+                    for request, future in zip(requests, futures)]
         except BaseException:  # KeyboardInterrupt included: stop the work nobody will collect
             for request, future in zip(requests, futures):
                 if not future.done():
@@ -114,13 +97,15 @@ class Omni:
         self.close()
 
 
-def _interruptible_result(future: Future):
-    """future.result(), waking every 100 ms: a Ctrl-C delivered to another thread still reaches us."""
+def _interruptible_result(future: Future, deadline: float | None):
+    """future.result(), waking every 100 ms: a Ctrl-C delivered to another thread still reaches us.
+    Past `deadline` (perf_counter) it raises RequestTimedOut (the caller cancels what is left)."""
     while True:
         try:
             return future.result(timeout=0.1)
         except FutureTimeout:
-            continue
+            if deadline is not None and time.perf_counter() > deadline:
+                raise RequestTimedOut("the request did not finish within request_timeout_s") from None
 
 
 def _partial_handlers(

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, DTYPES, LOAD_FORMATS
-from engine.model_resolver import ResolvedModel
-from engine.worker_group import free_port, usable_cores
-from workers import RankLayout, WorkerSpec
-from workers.offload import OFFLOADABLE
-from workers.sharded_loading import component_config, sharded_components
-from workers.tensor_parallel import ShardPlanner, config_value, head_shares
+from configs import EngineOptions
+from engine.host import free_port, usable_cores
+from engine.models.resolver import ResolvedModel
+from workers import OFFLOADABLE, RankLayout, WorkerSpec
+from workers.planning import check_tensor_split, fewest_dit_heads
 
 # Of a device's memory, what the parameters may take at most when `auto` chooses the TP size; the
 # rest is for activations, the CUDA context and the allocator's slack.
@@ -91,19 +89,6 @@ def has_two_branches(model: ResolvedModel) -> bool:
     return (defaults.guidance_scale or 0) > 1
 
 
-def _dit_heads(model: ResolvedModel, tp: int) -> list[int]:
-    """The fewest query heads any TP rank holds, per attention layout of the DiT."""
-    component = sharded_components(model.family, model.path)[0]
-    config = component_config(component.library, component.class_name, model.path / component.name)
-    fewest = []
-    for layout in component.plan.layouts.values():
-        heads = config_value(config, layout.heads)
-        kv_heads = config_value(config, layout.kv_heads) if layout.kv_heads else heads
-        shares = head_shares(heads, kv_heads, 1, tp, layout.heads)
-        fewest.append(min(share.local_heads for share in shares))
-    return fewest
-
-
 def _fits_tp(model: ResolvedModel, tp: int) -> bool:
     try:
         check_split(model, DiffusionParallelConfig(tensor_parallel_size=tp))
@@ -113,22 +98,14 @@ def _fits_tp(model: ResolvedModel, tp: int) -> bool:
 
 
 def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
-    return min(_dit_heads(model, tp)) >= ulysses
+    return fewest_dit_heads(model.family, model.path, tp) >= ulysses
 
 
-def worker_spec(
-    model: ResolvedModel, parallel: DiffusionParallelConfig, dtype: str = "auto", load_format: str = "auto",
-    max_loras: int = DEFAULT_MAX_LORAS, max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
-    offload: dict[str, str] | None = None,
-) -> WorkerSpec:
-    """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks.
-    offload: {"text_encoder" or "vae": device to keep those models on between uses} (workers.offload)."""
+def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
+                options: EngineOptions = EngineOptions()) -> WorkerSpec:
+    """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
     check_split(model, parallel)
-    offload = checked_offload(offload or {})
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format={load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}")
+    offload = checked_offload(options.offload)
     world_size = parallel.world_size
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if 0 < cuda_devices < world_size:
@@ -138,8 +115,7 @@ def worker_spec(
             "the GPUs (CUDA_VISIBLE_DEVICES=) to run every rank on the CPU"
         )
     on_cuda = cuda_devices > 0
-    if dtype == "auto":
-        dtype = "bfloat16" if on_cuda else "float32"
+    dtype = options.dtype if options.dtype != "auto" else "bfloat16" if on_cuda else "float32"
     return WorkerSpec(
         model_path=model.path,
         family_name=model.family.name,
@@ -148,9 +124,9 @@ def worker_spec(
         dtype=dtype,
         master_port=free_port(),
         threads_per_rank=max(1, usable_cores() // world_size),
-        load_format=load_format,
-        max_loras=max_loras,
-        max_lora_rank=max_lora_rank,
+        load_format=options.load_format,
+        max_loras=options.max_loras,
+        max_lora_rank=options.max_lora_rank,
         offload=offload,
     )
 
@@ -172,16 +148,9 @@ def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig) -> None
     """Fail before any process starts when a sharded component cannot be split over the TP ranks,
     or the DiT's heads (per TP rank) over the Ulysses ranks."""
     tp = parallel.tensor_parallel_size
-    for component in sharded_components(model.family, model.path):
-        config = component_config(component.library, component.class_name, model.path / component.name)
-        try:
-            ShardPlanner(component.plan, config, rank=0, world_size=tp)
-        except ValueError as exc:
-            if component.name == "transformer":
-                raise
-            raise ValueError(f"{component.name} ({component.class_name}): {exc}") from None
+    check_tensor_split(model.family, model.path, tp)
     if parallel.ulysses_degree > 1:
-        fewest = min(_dit_heads(model, tp))
+        fewest = fewest_dit_heads(model.family, model.path, tp)
         if fewest < parallel.ulysses_degree:
             raise ValueError(
                 f"ulysses_degree={parallel.ulysses_degree} needs at least that many attention heads on every "

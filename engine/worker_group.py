@@ -11,9 +11,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing.spawn
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ from concurrent.futures import Future
 
 import torch.multiprocessing as mp
 
-from configs import DEFAULT_STARTUP_TIMEOUT_S
+from configs import EngineOptions
 from engine.errors import WorkerGroupDied, WorkerStartupError
 from engine.memory_report import format_size
 from workers import (
@@ -43,12 +41,6 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.2
 _STOP_GRACE_S = 10.0
 _spawn_lock = threading.Lock()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -77,19 +69,9 @@ def _main_module_left_out() -> Iterator[None]:
             multiprocessing.spawn.get_preparation_data = original
 
 
-def usable_cores() -> int:
-    """The cores this process may use; OMP_NUM_THREADS caps them (Ray sets it to an actor's CPUs)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    return min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores
-
-
 class WorkerGroup:
     def __init__(
-        self, spec: WorkerSpec, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        self, spec: WorkerSpec, startup_timeout_s: float = EngineOptions.startup_timeout_s,
         on_death: Callable[[str], None] | None = None,
     ):
         self.spec = spec
@@ -110,7 +92,7 @@ class WorkerGroup:
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.dead_reason: str | None = None
+        self._death: str | None = None  # what the reader thread saw kill the group (`failure` reports it)
         self.parameter_bytes: dict[int, dict[str, int]] = {}  # rank -> component -> bytes
 
     # lifecycle -------------------------------------------------------------------------------
@@ -225,8 +207,8 @@ class WorkerGroup:
     @property
     def failure(self) -> str | None:
         """Why the group cannot serve, or None: checked now, not at the reader thread's next poll."""
-        if self.dead_reason is not None:
-            return self.dead_reason
+        if self._death is not None:
+            return self._death
         if self._stopping.is_set():
             return "the worker group is stopped"
         dead = self._dead_ranks()
@@ -253,11 +235,11 @@ class WorkerGroup:
             except queue.Empty:
                 reason = None if self._stopping.is_set() else self.failure
                 if reason is not None:
-                    self.dead_reason = reason
-                    logger.error("worker group died: %s", self.dead_reason)
-                    self._fail_pending(WorkerGroupDied(self.dead_reason))
+                    self._death = reason
+                    logger.error("worker group died: %s", self._death)
+                    self._fail_pending(WorkerGroupDied(self._death))
                     if self.on_death is not None:
-                        self.on_death(self.dead_reason)
+                        self.on_death(self._death)
                     return
                 continue
             if isinstance(event, GenerationPartial):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -20,15 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine import AsyncEngine, EngineState
 from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
-from server.image_store import DirectoryImageStore, ImageStore
-from server.images_api import images_router
+from server.images.routes import images_router
+from server.images.store import DirectoryImageStore, ImageStore
 from server.lora_paths import LoraPathRefused
 from server.openapi import install_openapi
 from server.playground import playground_router
 from server.request_recorder import RequestRecorder
 from server.settings import ServerSettings
 
-logger = logging.getLogger("ditserve")
+logger = logging.getLogger(__name__)
 
 
 def package_version() -> str:
@@ -38,17 +36,18 @@ def package_version() -> str:
         return "unknown"
 
 
-def _report_loaded(engine: AsyncEngine, settings: ServerSettings) -> None:
-    """After the first load and every restart: announce readiness, or exit when the model cannot serve."""
+def _report_loaded(engine: AsyncEngine, settings: ServerSettings, on_cannot_serve: Callable[[], None]) -> None:
+    """After the first load and every restart: announce readiness, or ask the server to stop when the
+    model cannot serve (a server that cannot serve should exit, so a supervisor sees and restarts it)."""
     if engine.state is EngineState.STOPPED:
         return
     if engine.healthy:
         logger.info("ditserve ready: serving %s at http://%s:%d (%s, max_batch_size=%d)",
                     settings.served_model_name, settings.host, settings.port,
-                    engine.config.parallel.layout.describe(), engine.config.max_batch_size)
-    else:  # a server that cannot serve should exit, so a supervisor can see and restart it
+                    engine.config.parallel_config.layout.describe(), engine.config.max_batch_size)
+    else:
         logger.error("ditserve could not load %s; shutting down", settings.model)
-        os.kill(os.getpid(), signal.SIGTERM)
+        on_cannot_serve()
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -66,12 +65,15 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings,
-               cluster_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
-    """cluster_metrics: more Prometheus text for /metrics (every replica's, under Ray Serve)."""
+               cluster_metrics: Callable[[], Awaitable[bytes]] | None = None,
+               on_cannot_serve: Callable[[], None] = lambda: None) -> FastAPI:
+    """cluster_metrics: more Prometheus text for /metrics (every replica's, under Ray Serve).
+    on_cannot_serve: stops the server when the model cannot load or restart (under Ray Serve the
+    replica's failing health check does that)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await engine.start(on_loaded=lambda: _report_loaded(engine, settings))
+        await engine.start(on_loaded=lambda: _report_loaded(engine, settings, on_cannot_serve))
         yield
         await engine.shutdown()
 
@@ -97,7 +99,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
         if engine.accepting:
             return JSONResponse({"status": "ok", "model": settings.served_model_name})
         status = "stopping" if engine.healthy else engine.state.value
-        return JSONResponse({"status": status, "detail": engine.not_ready_reason()}, status_code=503)
+        return JSONResponse({"status": status, "detail": engine.failure}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -10,20 +10,10 @@ import argparse
 import os
 import sys
 
-from configs import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_LORA_RANK,
-    DEFAULT_MAX_LORAS,
-    DEFAULT_MAX_MEGAPIXEL_STEPS,
-    DEFAULT_MAX_QUEUE_SIZE,
-    DEFAULT_MODEL,
-    DEFAULT_STARTUP_TIMEOUT_S,
-    DTYPES,
-    LOAD_FORMATS,
-    load_all_families,
-)
+from configs import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions, load_all_families
 
 _RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+ENGINE = EngineOptions()  # every engine flag's default, and its `dest`, is a field of EngineOptions
 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,29 +75,29 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+    parser.add_argument("--dtype", default=ENGINE.dtype, choices=DTYPES,
                         help="parameter dtype; auto (default): bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+    parser.add_argument("--load-format", default=ENGINE.load_format, choices=LOAD_FORMATS,
                         help="auto (default): read the checkpoint; dummy: build the full-size model from its "
                              "configuration with random weights (published hub ids need nothing on disk)")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+    parser.add_argument("--max-batch-size", type=int, default=ENGINE.max_batch_size,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
-                             f"and n run together (default {DEFAULT_MAX_BATCH_SIZE}; 1 turns batching off)")
-    parser.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                             f"and n run together (default {ENGINE.max_batch_size}; 1 turns batching off)")
+    parser.add_argument("--max-queue-size", type=int, default=ENGINE.max_queue_size,
                         help="requests admitted at once (waiting or running); more get 429 with Retry-After "
-                             f"(default {DEFAULT_MAX_QUEUE_SIZE})")
-    parser.add_argument("--max-megapixel-steps", type=float, default=DEFAULT_MAX_MEGAPIXEL_STEPS,
+                             f"(default {ENGINE.max_queue_size})")
+    parser.add_argument("--max-megapixel-steps", type=float, default=ENGINE.max_megapixel_steps,
                         help="the most work one request may ask for, width x height / 1e6 x steps x n; more get "
-                             f"400 (default {DEFAULT_MAX_MEGAPIXEL_STEPS:g}: 2048x2048, 50 steps, 4 images fit)")
-    parser.add_argument("--request-timeout", type=float, default=None,
+                             f"400 (default {ENGINE.max_megapixel_steps:g}: 2048x2048, 50 steps, 4 images fit)")
+    parser.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=ENGINE.request_timeout_s,
                         help="seconds before a request is answered 504 (default: no limit)")
     for kind in ("text-encoder", "vae"):
         parser.add_argument(f"--{kind}-offload", default=None, metavar="DEVICE",
                             help=f"keep the {kind.replace('-', ' ')} on DEVICE (cpu, cuda:1...) between uses and "
                                  "copy it to the rank's device for each use: less GPU memory, one copy per use")
-    parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
-                        help=f"seconds every rank may take to load (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
-    parser.add_argument("--default-sampling-params", default=None, metavar="JSON",
+    parser.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=ENGINE.startup_timeout_s,
+                        help=f"seconds every rank may take to load (default {ENGINE.startup_timeout_s:.0f})")
+    parser.add_argument("--default-sampling-params", dest="default_overrides", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,
                         help="largest accepted image upload, per file (default 20 MiB); larger get 413")
@@ -123,11 +113,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="LoRA adapters to load at start (a folder, a .safetensors file or a hub id each); a "
                              "request uses one with \"model\": NAME, several with \"loras\"")
-    parser.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS,
+    parser.add_argument("--max-loras", type=int, default=ENGINE.max_loras,
                         help="LoRA adapters resident on the ranks at once; the least recently used beyond are "
-                             f"dropped and read again on use (default {DEFAULT_MAX_LORAS})")
-    parser.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK,
-                        help=f"adapters of a higher rank are refused (default {DEFAULT_MAX_LORA_RANK})")
+                             f"dropped and read again on use (default {ENGINE.max_loras})")
+    parser.add_argument("--max-lora-rank", type=int, default=ENGINE.max_lora_rank,
+                        help=f"adapters of a higher rank are refused (default {ENGINE.max_lora_rank})")
     parser.add_argument("--allowed-lora-paths", nargs="+", default=None, metavar="DIR",
                         help="runtime LoRA loading reads adapters only under these folders (default: the folders "
                              "of --lora-modules); hub ids only when 'hub' is listed")

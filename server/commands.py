@@ -8,22 +8,26 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 
 import pydantic
 import torch
 import uvicorn
 
-from configs import OmniDiffusionSamplingParams
-from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, resolve_model
+from configs import EngineOptions, OmniDiffusionSamplingParams
+from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
+from engine.host import usable_cores
 from engine.loras import parse_lora_modules
 from engine.memory_report import format_report, memory_report
-from engine.tiny_models import TINY_PREFIX, write_tiny_model
-from engine.worker_group import usable_cores
+from engine.models.tiny_models import TINY_PREFIX, write_tiny_model
 from server.app import create_app
 from server.connection_limits import http_protocol
 from server.lora_paths import LoraPathPolicy
 from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
 
 
 def make_tiny(args: argparse.Namespace) -> None:
@@ -55,8 +59,7 @@ def _auto_parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
     full_precision = args.dtype == "float32" or (args.dtype == "auto" and device_memory is None)  # auto on a CPU
     dtype = torch.float32 if full_precision else torch.bfloat16
     config, reason = DiffusionParallelConfig.auto(devices, model, device_memory, dtype)
-    logging.getLogger("ditserve").info("--parallel auto on %d device(s): %s (%s)", devices,
-                                       config.layout.describe(), reason)
+    logger.info("--parallel auto on %d device(s): %s (%s)", devices, config.layout.describe(), reason)
     return config
 
 
@@ -79,8 +82,7 @@ class _Server(uvicorn.Server):
     requests finish for up to `drain_timeout_s`, then answers the rest 503 (a stream gets an error
     event) before uvicorn closes the connections. uvicorn alone would cancel them (plain-text 500).
 
-    uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would die of the
-    signal; a server that shut down cleanly should exit 0 instead (1 if the model could not serve)."""
+    A server that shut down cleanly exits 0; one whose model could not load or restart exits 1."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout_s: float):
         super().__init__(config)
@@ -88,9 +90,23 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
-        with super().capture_signals():
+        """SIGINT and SIGTERM ask for the graceful shutdown (a second SIGINT forces it), through
+        uvicorn's public `should_exit` / `force_exit`. Unlike uvicorn's own handlers these do not
+        raise the signal again once the server stopped, so a clean shutdown exits 0."""
+        if threading.current_thread() is not threading.main_thread():
             yield
-            self._captured_signals.clear()
+            return
+        previous = {signum: signal.signal(signum, self._ask_to_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _ask_to_exit(self, signum: int, frame) -> None:
+        if self.should_exit and signum == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
@@ -140,23 +156,11 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit("serve: error: --enable-lora-loading changes one server's adapters; with replicas, load "
                          "adapters at start with --lora-modules")
     try:
-        config = EngineConfig(
-            model=args.model,
-            parallel=_auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args),
-            dtype=args.dtype,
-            load_format=args.load_format,
-            default_overrides=_sampling_overrides(args.default_sampling_params),
-            max_queue_size=args.max_queue_size,
-            max_batch_size=args.max_batch_size,
-            max_megapixel_steps=args.max_megapixel_steps,
-            request_timeout_s=args.request_timeout,
-            startup_timeout_s=args.startup_timeout,
-            lora_modules=parse_lora_modules(args.lora_modules),
-            max_loras=args.max_loras,
-            max_lora_rank=args.max_lora_rank,
-            text_encoder_offload=args.text_encoder_offload,
-            vae_offload=args.vae_offload,
-        )
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions) if hasattr(args, f.name)}
+        options.update(default_overrides=_sampling_overrides(args.default_overrides),
+                       lora_modules=parse_lora_modules(args.lora_modules))
+        parallel = _auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args)
+        config = EngineConfig(model=args.model, parallel_config=parallel, **options)
         # a bad name fails here, before anything starts
         resolve_model(args.model, configs_only=args.load_format == "dummy")
     except ValueError as exc:
@@ -182,11 +186,13 @@ def serve(args: argparse.Namespace) -> None:
         return
     sock = _listening_socket(args.host, args.port)
     engine = AsyncEngine(config)
-    app = create_app(engine, settings)
+    server: _Server | None = None
+    app = create_app(engine, settings, on_cannot_serve=lambda: setattr(server, "should_exit", True))
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     http=http_protocol(args.read_timeout), timeout_graceful_shutdown=_ANSWER_GRACE_S)
-    _Server(uvicorn_config, engine, args.shutdown_timeout).run(sockets=[sock])
-    if engine.failure is not None:  # could not load, or could not restart: a supervisor must see it
+    server = _Server(uvicorn_config, engine, args.shutdown_timeout)
+    server.run(sockets=[sock])
+    if engine.state is EngineState.FAILED:  # could not load, or could not restart: a supervisor must see it
         raise SystemExit(f"serve: error: {engine.failure}")
 
 

@@ -38,7 +38,7 @@ from engine import AsyncEngine, EngineConfig
 from server.app import create_app
 from server.settings import ServerSettings
 
-logger = logging.getLogger("ditserve")
+logger = logging.getLogger(__name__)
 
 APPLICATION = "ditserve"
 BOARD = "ditserve-replica-board"
@@ -117,7 +117,7 @@ class DitReplica:
                               cluster_metrics=self._cluster_metrics)
         await self.engine.start()
         if not await self.engine.loaded():
-            raise RuntimeError(self.engine.not_ready_reason())
+            raise RuntimeError(self.engine.failure)
         self._reporter = asyncio.create_task(self._report_forever())
         logger.info("replica %s ready", self.name)
 
@@ -126,7 +126,7 @@ class DitReplica:
 
     def check_health(self) -> None:
         if not self.engine.healthy:
-            raise RuntimeError(self.engine.not_ready_reason())
+            raise RuntimeError(self.engine.failure)
 
     async def _report_forever(self) -> None:
         registry = self.engine.metrics.registry
@@ -152,7 +152,7 @@ class RayPlan:
     cpus_per_replica: float = 1.0
 
     def deployment_options(self, engine_config: EngineConfig, on_gpus: bool) -> dict:
-        world_size = engine_config.parallel.world_size
+        world_size = engine_config.parallel_config.world_size
         bundle = {"CPU": self.cpus_per_replica, **({"GPU": float(world_size)} if on_gpus else {})}
         options = {
             "name": APPLICATION,
@@ -194,7 +194,7 @@ def serve_on_ray(engine_config: EngineConfig, settings: ServerSettings, plan: Ra
         deployment = serve.deployment(DitReplica, **plan.deployment_options(engine_config, on_gpus))
         serve.run(deployment.bind(engine_config, settings), name=APPLICATION, route_prefix="/", blocking=False)
         logger.info("ditserve ready on Ray Serve: %s x %s at http://%s:%d", _replicas(plan),
-                    engine_config.parallel.layout.describe(), settings.host, settings.port)
+                    engine_config.parallel_config.layout.describe(), settings.host, settings.port)
         _wait_for_a_stop_signal()
         del board
     finally:

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from engine.metrics import Metrics
 
-logger = logging.getLogger("ditserve.requests")
+logger = logging.getLogger(__name__)
 
 IMAGE_ROUTES = {"/v1/images/generations": "generations", "/v1/images/edits": "edits"}
 

@@ -19,8 +19,8 @@ os.environ["DITSERVE_HOLD_DIR"] = HOLD_DIR
 
 import pytest  # noqa: E402
 
-from engine.tiny_adapters import build_random_adapter  # noqa: E402
-from engine.tiny_models import cached_tiny_model  # noqa: E402
+from engine.models.tiny_adapters import build_random_adapter  # noqa: E402
+from engine.models.tiny_models import cached_tiny_model  # noqa: E402
 from workers.testing_hooks import HELD_PREFIX  # noqa: E402
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA

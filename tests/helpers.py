@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from configs import OmniDiffusionSamplingParams, load_family
-from engine.worker_group import free_port
+from engine.host import free_port
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 FAMILIES = ["z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "sd3"]
@@ -158,10 +158,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_ranks(target, world_size: int, *args, timeout_s: float = 300) -> list:
+def run_ranks(target, world_size: int, *args, timeout_s: float = 300, reports: int | None = None) -> list:
     """Run target(rank, world_size, port, *args, results) in `world_size` spawned processes joined
-    in one group; each rank may put one item on `results`. The items in rank order (by their first
-    element), or an AssertionError as soon as a rank dies without reporting."""
+    in one group; `reports` of them (default: every rank) put one item on `results`. The items in
+    order of their first element (the rank), or an AssertionError as soon as a rank dies without
+    reporting. The benchmarks use it too."""
     import queue
 
     import torch.multiprocessing as mp
@@ -175,7 +176,7 @@ def run_ranks(target, world_size: int, *args, timeout_s: float = 300) -> list:
         process.start()
     received, deadline = [], time.monotonic() + timeout_s
     try:
-        while len(received) < world_size:
+        while len(received) < (world_size if reports is None else reports):
             try:
                 received.append(results.get(timeout=0.5))
             except queue.Empty:
@@ -264,9 +265,10 @@ class ServerProcess:
         return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
     def rank_pids(self) -> list[int]:
-        """The rank pids of the newest worker group, from the start-up log line."""
-        lines = re.findall(r"rank pids ([\d, ]+)", self.log())
-        return [int(pid) for pid in re.findall(r"\d+", lines[-1])]
+        """The rank pids of the current worker group, rank 0 first (from /metrics)."""
+        text = httpx.get(f"{self.url}/metrics").text
+        pids = re.findall(r'^ditserve_rank_pid\{rank="(\d+)"\} (\S+)$', text, re.MULTILINE)
+        return [int(float(pid)) for _, pid in sorted(pids, key=lambda item: int(item[0]))]
 
     def wait_until_running(self, count: int = 1) -> None:
         """Until `count` requests are in the batch on the ranks (an event, not a duration)."""

@@ -1,6 +1,8 @@
 """Rank processes: one per device; rank 0 drives the diffusers pipeline, the others follow."""
 
 from workers.messages import (
+    OFFLOADABLE,
+    AdapterAction,
     AdapterCommand,
     AdapterCommandDone,
     AdapterInfo,
@@ -18,6 +20,8 @@ from workers.messages import (
 )
 
 __all__ = [
+    "OFFLOADABLE",
+    "AdapterAction",
     "AdapterCommand",
     "AdapterCommandDone",
     "AdapterInfo",

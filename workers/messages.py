@@ -12,7 +12,9 @@ from typing import Any
 
 from PIL import Image
 
-from configs import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, SamplingParams
+from configs import EngineOptions, SamplingParams
+
+OFFLOADABLE = ("text_encoder", "vae")  # the pipeline models --text-encoder-offload / --vae-offload keep elsewhere
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class WorkerSpec:
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
-    max_loras: int = DEFAULT_MAX_LORAS
-    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    max_loras: int = EngineOptions.max_loras
+    max_lora_rank: int = EngineOptions.max_lora_rank
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
 
     @property
@@ -117,12 +119,17 @@ class GenerationBatch:
     requests: list[GenerationRequest]
 
 
+class AdapterAction(enum.Enum):
+    LOAD = "load"
+    UNLOAD = "unload"
+
+
 @dataclass
 class AdapterCommand:
     """Load (from `path`) or unload a LoRA adapter on every rank; answered by AdapterCommandDone."""
 
     request_id: str
-    action: str  # "load" or "unload"
+    action: AdapterAction
     name: str
     path: str | None = None
 

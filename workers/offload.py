@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-OFFLOADABLE = ("text_encoder", "vae")  # what --text-encoder-offload / --vae-offload name
+from workers.module_tree import owner_of
+
 _USED_THROUGH = ("forward", "encode", "decode")
 
 
@@ -77,8 +78,7 @@ def _point_at(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Make the module's parameters and buffers these tensors again (the device copies are freed)."""
     with torch.inference_mode(False), torch.no_grad():
         for name, tensor in tensors.items():
-            owner_name, _, attribute = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+            owner, attribute = owner_of(module, name)
             if attribute in owner._parameters:
                 owner._parameters[attribute].data = tensor
             else:

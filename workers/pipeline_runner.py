@@ -12,9 +12,9 @@ import torch
 
 from configs import load_family
 from configs.families import FamilyConfig, PreviewPlan
-from workers.adapter_library import AdapterLibrary
-from workers.cfg_parallel import CfgDispatcher
+from workers.lora.adapter_library import AdapterLibrary
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
+from workers.parallel.cfg_parallel import CfgDispatcher
 from workers.partial_previews import PreviewDecoder, preview_steps
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
@@ -121,7 +121,7 @@ class PipelineRunner:
 
         arguments = self.call_arguments(batch)
         first = batch.requests[0]
-        if self.adapters is not None:  # a batch's requests share their adapters (engine.batching)
+        if self.adapters is not None:  # a batch's requests share their adapters (engine.scheduler.batch_key)
             self.adapters.activate(first.loras)
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,

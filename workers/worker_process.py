@@ -23,11 +23,10 @@ import tqdm
 import transformers
 
 from configs import load_family
-from workers import forward_broadcast, parallel_state
-from workers.adapter_library import AdapterLibrary, apply_command
-from workers.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
-from workers.lora import AdapterError, AdapterStore
+from workers.lora.adapter_library import AdapterLibrary, apply_command
+from workers.lora.layers import AdapterError, AdapterStore
 from workers.messages import (
+    AdapterAction,
     AdapterCommand,
     AdapterCommandDone,
     FailureKind,
@@ -40,13 +39,15 @@ from workers.messages import (
     WorkerStartupFailed,
 )
 from workers.offload import home_device, offload
-from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
-from workers.sharded_loading import (
+from workers.parallel import forward_broadcast, parallel_state
+from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.parallel.sharded_loading import (
     load_component_shard,
     load_whole_model,
     sharded_components,
     unsharded_models,
 )
+from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _load_models(rank: int, spec: WorkerSpec) -> tuple[Models, Models, dict[str,
 
 def _bytes_held(components: dict) -> dict[str, int]:
     return {
-        name: sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        name: sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
         for name, module in components.items()
         if isinstance(module, torch.nn.Module)
     }
@@ -166,14 +167,14 @@ def _parent_alive() -> bool:
 
 def _adapter_command(adapters: AdapterLibrary, command: AdapterCommand) -> AdapterCommandDone:
     try:
-        if command.action == "unload":
+        if command.action is AdapterAction.UNLOAD:
             adapters.unload(command.name)
             return AdapterCommandDone(command.request_id)
         adapter = adapters.load(command.name, command.path)
     except AdapterError as exc:
         return AdapterCommandDone(command.request_id, error=str(exc), error_code=exc.code)
     except Exception as exc:  # noqa: BLE001 - the driver keeps serving; the caller gets the reason
-        logger.exception("LoRA adapter %s failed", command.action)
+        logger.exception("LoRA adapter %s failed", command.action.value)
         return AdapterCommandDone(command.request_id, error=f"{type(exc).__name__}: {exc}",
                                   error_code="lora_load_failed")
     return AdapterCommandDone(command.request_id, adapter)

@@ -9,7 +9,7 @@ import pytest
 
 from configs import SamplingParams
 from engine import AsyncEngine, EngineConfig, OmniDiffusionSamplingParams, OmniRequestOutput, PromptInput
-from engine.batching import take_batch
+from engine.scheduler import take_batch
 from tests.helpers import max_pixel_difference
 from workers import GenerationRequest
 
@@ -55,7 +55,7 @@ async def started_engine(**config) -> AsyncEngine:
     loaded = asyncio.Event()
     await engine.start(on_loaded=loaded.set)
     await loaded.wait()
-    assert engine.healthy, engine.not_ready_reason()
+    assert engine.healthy, engine.failure
     return engine
 
 

@@ -15,7 +15,7 @@ from engine import (
     PromptInput,
     resolve_model,
 )
-from engine.sampling import build_request
+from engine.intake.sampling import build_request
 from tests.helpers import (
     REFERENCE_PROMPT,
     condition_image,

@@ -28,7 +28,8 @@ def params(seed: int) -> OmniDiffusionSamplingParams:
 async def _faults_and_batches(layout: dict, inject_fault) -> dict:
     from engine import DiffusionParallelConfig
 
-    engine = await started_engine(model="tiny/z-image", parallel=DiffusionParallelConfig(**layout), warm_up=False)
+    engine = await started_engine(model="tiny/z-image", parallel_config=DiffusionParallelConfig(**layout),
+                                  warm_up=False)
     try:
         pids = engine._group.pids
         prompts = ["a red fox", LONG_PROMPT, "a green frog"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from engine.model_resolver import hub_allow_patterns
-from engine.published_models import write_published_configs
+from engine.models.published_models import write_published_configs
+from engine.models.resolver import hub_allow_patterns
 
 # Files of the real repositories besides the diffusers folders (abridged where they repeat).
 EXTRA_FILES = {

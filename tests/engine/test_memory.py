@@ -11,7 +11,7 @@ import torch
 
 from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams, resolve_model
 from engine.memory_report import memory_report
-from engine.published_models import published_model_ids
+from engine.models.published_models import published_model_ids
 
 MiB, GiB = 2**20, 2**30
 

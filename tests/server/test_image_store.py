@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from server import image_store
-from server.image_store import DirectoryImageStore, ImageStore
+from server.images import store as image_store
+from server.images.store import DirectoryImageStore, ImageStore
 
 
 @pytest.fixture

@@ -191,7 +191,7 @@ def test_sigterm_leaves_no_process(replicas: ServerProcess):
 def test_each_replica_reserves_its_devices_and_autoscaling_passes_through():
     from server.ray_replicas import RayPlan
 
-    config = EngineConfig(model="tiny/z-image", parallel=DiffusionParallelConfig(tensor_parallel_size=2,
+    config = EngineConfig(model="tiny/z-image", parallel_config=DiffusionParallelConfig(tensor_parallel_size=2,
                                                                                  cfg_parallel_size=2))
     options = RayPlan(replicas=3, cpus_per_replica=4).deployment_options(config, on_gpus=True)
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options

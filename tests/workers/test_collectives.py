@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tests.helpers import run_ranks
-from workers import RankLayout, parallel_state
-from workers.shm_exchange import SLOT_BYTES, SharedMemoryGroup
+from workers import RankLayout
+from workers.parallel import parallel_state
+from workers.parallel.shm_exchange import SLOT_BYTES, SharedMemoryGroup
 
 WORLD_SIZE = 3
 LARGE = (SLOT_BYTES // 4) * 2 + 123  # three rounds through a slot

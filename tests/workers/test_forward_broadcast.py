@@ -8,9 +8,10 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from engine.worker_group import free_port
+from engine.host import free_port
 from tests.helpers import run_ranks
-from workers import RankLayout, forward_broadcast, parallel_state
+from workers import RankLayout
+from workers.parallel import forward_broadcast, parallel_state
 
 
 def sent_tree() -> tuple:

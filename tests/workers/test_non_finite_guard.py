@@ -6,7 +6,7 @@ import pytest
 
 from configs import OmniDiffusionSamplingParams, SamplingParams
 from engine import InvalidRequestError, PromptInput, resolve_model
-from engine.sampling import build_request
+from engine.intake.sampling import build_request
 from tests.helpers import load_plain_pipeline
 from workers import GenerationBatch, GenerationRequest
 from workers.pipeline_runner import NonFiniteLatents, PipelineRunner

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from engine.tiny_models import autoencoder_kl
+from engine.models.tiny_models import autoencoder_kl
 from workers import offload as offload_module
 from workers.offload import home_device, offload
 

@@ -8,8 +8,8 @@ import queue
 import pytest
 import torch
 
-from workers import parallel_state
-from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
+from workers.parallel import parallel_state
+from workers.parallel.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
 from workers.worker_process import CancelledIds
 
 

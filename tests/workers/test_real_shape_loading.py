@@ -14,8 +14,9 @@ import transformers
 
 from configs import load_family, load_published_models
 from tests.helpers import run_ranks
-from workers import RankLayout, parallel_state
-from workers.sharded_loading import ShardedComponent, load_component_shard, sharded_components
+from workers import RankLayout
+from workers.parallel import parallel_state
+from workers.parallel.sharded_loading import ShardedComponent, load_component_shard, sharded_components
 
 SHORTENED = {  # every width, head count and table as published
     "transformer": {"num_layers": 2},  # the last block differs (context_pre_only): two are the fewest
@@ -73,7 +74,7 @@ def load_and_run(rank: int, world_size: int, port: int, root, results) -> None:
     for component in components(root):
         shard = load_component_shard(component, root / component.name, rank, world_size, torch.device("cpu"),
                                      torch.float32)
-        held[component.name] = sum(t.numel() * t.element_size() for t in (*shard.parameters(), *shard.buffers()))
+        held[component.name] = sum(t.nbytes for t in (*shard.parameters(), *shard.buffers()))
         with torch.inference_mode():
             outputs[component.name] = output(component.name, shard(**inputs()[component.name])).numpy().copy()
     results.put((rank, outputs, held))
@@ -94,7 +95,7 @@ def test_the_checkpoint_is_in_the_real_multi_file_layout(shortened_sd35_large):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_shards_load_hold_the_reported_bytes_and_compute_the_unsharded_output(shortened_sd35_large, world_size):
     from engine.memory_report import memory_report
-    from engine.model_resolver import ResolvedModel
+    from engine.models.resolver import ResolvedModel
 
     root = shortened_sd35_large
     family = load_family("sd3")

@@ -11,9 +11,9 @@ from configs import load_family
 from engine import resolve_model
 from engine.memory_report import memory_report
 from tests.helpers import FAMILIES
-from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
-from workers.sharded_loading import build_meta_component, dit_component, load_component_shard
-from workers.tensor_parallel import apply_plan, even_partition, head_shares
+from workers.parallel.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
+from workers.parallel.sharded_loading import build_meta_component, dit_component, load_component_shard
+from workers.parallel.tensor_parallel import apply_plan, even_partition, head_shares
 
 
 def test_even_partition_gives_larger_parts_first():

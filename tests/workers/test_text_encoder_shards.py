@@ -7,10 +7,11 @@ import torch
 import transformers
 
 from configs import load_family
-from engine.tiny_models import cached_tiny_model
+from engine.models.tiny_models import cached_tiny_model
 from tests.helpers import run_ranks
-from workers import RankLayout, parallel_state
-from workers.sharded_loading import sharded_components
+from workers import RankLayout
+from workers.parallel import parallel_state
+from workers.parallel.sharded_loading import sharded_components
 
 ENCODERS = [("z-image", "text_encoder"), ("qwen-image", "text_encoder"), ("flux", "text_encoder"),
             ("flux", "text_encoder_2"), ("sd3", "text_encoder"), ("sd3", "text_encoder_2"), ("sd3", "text_encoder_3")]
@@ -30,7 +31,7 @@ def embeddings(model) -> torch.Tensor:
 
 
 def shard_and_embed(rank: int, world_size: int, port: int, results) -> None:
-    from workers.sharded_loading import load_component_shard
+    from workers.parallel.sharded_loading import load_component_shard
 
     torch.set_num_threads(1)
     parallel_state.initialize(rank, RankLayout(tensor_parallel_size=world_size), "cpu", port)

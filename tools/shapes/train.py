@@ -1,6 +1,6 @@
 """Trains `builtin/shapes` from a fixed seed and writes it as a Z-Image diffusers folder.
 
-    python -m tools.shapes.train [--output engine/builtin/shapes] [--recipe tools/shapes/recipe.yaml]
+    python -m tools.shapes.train [--output engine/models/builtin/shapes] [--recipe tools/shapes/recipe.yaml]
 
 First an AutoencoderKL on drawn scenes, then the DiT and the text encoder together on the VAE's
 latents of the training scenes (flow matching, as the pipeline samples). The judge's held-out
@@ -24,12 +24,12 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 from tqdm import tqdm
 
-from engine.tiny_models import autoencoder_kl, build_transformer
-from engine.tiny_tokenizers import build_qwen_tokenizer
+from engine.models.tiny_models import autoencoder_kl, build_transformer
+from engine.models.tiny_tokenizers import build_qwen_tokenizer
 from tools.shapes.scenes import Scene, all_scenes, draw, held_out_triples
 
 HERE = Path(__file__).parent
-DEFAULT_OUTPUT = HERE.parent.parent / "engine" / "builtin" / "shapes"
+DEFAULT_OUTPUT = HERE.parent.parent / "engine" / "models" / "builtin" / "shapes"
 
 
 def _caption_corpus(scenes: list[Scene]) -> list[str]:

@@ -11,10 +11,10 @@ from PIL import Image
 
 from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from engine.errors import InvalidRequestError
+from engine.intake.masks import inpainting_mask
+from engine.intake.prompt_text import max_text_tokens, prompt_tokens
 from engine.loras import LoraRegistry
-from engine.masks import inpainting_mask
-from engine.model_resolver import ResolvedModel
-from engine.prompt_text import max_text_tokens, prompt_tokens
+from engine.models.resolver import ResolvedModel
 from workers import GenerationRequest
 
 _SIZE_RATIO_WARNED = 4  # pixel counts more than this far from the model's default size get a warning
@@ -27,7 +27,7 @@ class PromptInput:
     prompt: str
     negative_prompt: str | None = None
     images: list[Image.Image] = field(default_factory=list)
-    mask: Image.Image | None = None  # inpainting: as sent (alpha or black-and-white), see engine.masks
+    mask: Image.Image | None = None  # inpainting: as sent (alpha or black-and-white), see engine.intake.masks
 
     @classmethod
     def from_user(cls, item: "str | dict") -> "PromptInput":

@@ -25,7 +25,7 @@ def encode(image: Image.Image, output_format: str, compression: int) -> bytes:
 
 def decode_upload(data: bytes, param: str, max_bytes: int, keep_mode: bool = False) -> Image.Image:
     """An RGB image from uploaded bytes (in its own mode with `keep_mode`: a mask, which
-    engine.masks reads by its alpha or as black and white); 400/413 errors name `param` and say
+    engine.intake.masks reads by its alpha or as black and white); 400/413 errors name `param` and say
     what is accepted."""
     if len(data) > max_bytes:
         raise APIError(413, f"{param} is {len(data)} bytes; the limit is {max_bytes} bytes", param, "file_too_large")

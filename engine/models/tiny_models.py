@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscr
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from configs import FamilyConfig, load_family
-from engine.tiny_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer
+from engine.models.tiny_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 TINY_PREFIX = "tiny/"

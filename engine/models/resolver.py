@@ -22,8 +22,8 @@ from configs import (
     load_builtin_models,
     load_family,
 )
-from engine.published_models import cached_published_configs, published_model_ids
-from engine.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
+from engine.models.published_models import cached_published_configs, published_model_ids
+from engine.models.tiny_models import TINY_PREFIX, cached_tiny_model, tiny_model_names
 
 BUILTIN_PREFIX = "builtin/"
 BUILTIN_DIR = Path(__file__).parent / "builtin"

@@ -27,8 +27,9 @@ from safetensors import safe_open
 from torch import nn
 
 from configs import FamilyConfig, TensorParallelPlan, load_text_encoder_plans
-from workers.parallel_linear import ShardSlices, set_shard_slices, shard_slices
-from workers.tensor_parallel import apply_plan
+from workers.module_tree import owner_of
+from workers.parallel.parallel_linear import ShardSlices, set_shard_slices, shard_slices
+from workers.parallel.tensor_parallel import apply_plan
 
 _READ_AHEAD = 4  # tensors read but not yet copied, at most (bounds the host memory in flight)
 
@@ -147,8 +148,7 @@ def parameter_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dt
 def _cast_buffers(model: nn.Module, dtype: torch.dtype) -> None:
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point():
-            owner_name, _, attribute = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
+            owner, attribute = owner_of(model, name)
             owner._buffers[attribute] = buffer.to(parameter_dtype(model, name, dtype))
 
 
@@ -254,8 +254,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, current: torch.Te
     if tuple(tensor.shape) != tuple(current.shape):
         raise ValueError(
             f"{name}: checkpoint slice has shape {tuple(tensor.shape)}, model expects {tuple(current.shape)}")
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, attribute = owner_of(model, name)
     if attribute in owner._parameters:
         replacement = nn.Parameter(tensor, requires_grad=False)
         set_shard_slices(replacement, shard_slices(current))

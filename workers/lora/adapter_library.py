@@ -10,13 +10,22 @@ which slices each layer adds: base weights are never touched.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 
-from workers import forward_broadcast
-from workers.lora import Active, AdapterError, AdapterStore, LowRank, ModuleKey, read_adapter
+from workers.lora.layers import Active, AdapterError, AdapterStore, LowRank, ModuleKey, read_adapter
 from workers.messages import AdapterInfo
+from workers.parallel import forward_broadcast
 
 logger = logging.getLogger(__name__)
+
+
+class StoreAction(enum.Enum):
+    """What the driver tells every rank's AdapterStore (the followers get it by broadcast)."""
+
+    PUT = "put"
+    DROP = "drop"
+    ACTIVATE = "activate"
 
 
 class AdapterLibrary:
@@ -62,7 +71,7 @@ class AdapterLibrary:
                 self._put(name, self._read(self.registered[name]))
             self._recent.move_to_end(name)
         if active != self.store.active:
-            self._send(("activate", active))
+            self._send((StoreAction.ACTIVATE, active))
 
     def _read(self, path: str) -> dict[ModuleKey, LowRank]:
         return read_adapter(path, self._pipeline_class, self.store.components, self.max_rank)
@@ -77,11 +86,11 @@ class AdapterLibrary:
                 self._drop(name)
 
     def _put(self, name: str, pairs: dict[ModuleKey, LowRank]) -> None:
-        self._send(("put", name, {key: (pair.down, pair.up) for key, pair in pairs.items()}))
+        self._send((StoreAction.PUT, name, {key: (pair.down, pair.up) for key, pair in pairs.items()}))
         self._recent[name] = None
 
     def _drop(self, name: str) -> None:
-        self._send(("drop", name))
+        self._send((StoreAction.DROP, name))
         del self._recent[name]
 
     def _send(self, command: tuple) -> None:
@@ -92,12 +101,12 @@ class AdapterLibrary:
 
 
 def apply_command(store: AdapterStore, command: tuple) -> None:
-    """("put", name, {key: (down, up)}), ("drop", name) or ("activate", active), on one rank's store."""
+    """(PUT, name, {key: (down, up)}), (DROP, name) or (ACTIVATE, active), on one rank's store."""
     action, *arguments = command
-    if action == "put":
+    if action is StoreAction.PUT:
         name, pairs = arguments
         store.put(name, {key: LowRank(down, up) for key, (down, up) in pairs.items()})
-    elif action == "drop":
+    elif action is StoreAction.DROP:
         store.drop(*arguments)
     else:
         store.activate(*arguments)

@@ -13,7 +13,7 @@ import diffusers
 import transformers
 
 from configs import family_for_pipeline_class, load_published_models
-from engine.tiny_models import cache_root, cached_folder, save_text_tools, tiny_text_tools
+from engine.models.tiny_models import cache_root, cached_folder, save_text_tools, tiny_text_tools
 
 
 def published_model_ids() -> list[str]:

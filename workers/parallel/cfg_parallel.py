@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from configs.families import CfgParallelPlan, SequenceParallelPlan
-from workers import forward_broadcast, parallel_state, sequence_parallel, testing_hooks
+from workers import testing_hooks
+from workers.parallel import forward_broadcast, parallel_state, sequence_parallel
 
 logger = logging.getLogger(__name__)
 

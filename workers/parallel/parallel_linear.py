@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers import parallel_state
+from workers.parallel import parallel_state
 
 Ranges = list[tuple[int, int]]
 
@@ -84,7 +84,7 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output_width = gather_output_width
         self.weight = _parameter((self.out_features, in_features), slices, **factory)
         self.bias = _parameter((self.out_features,), slices, **factory) if bias else None
-        self.adapters = None  # a workers.lora.AdapterSlot once a LoRA adapter touches this layer
+        self.adapters = None  # a workers.lora.layers.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight, self.bias)
@@ -131,7 +131,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = slices.width, out_features
         self.weight = _parameter((out_features, self.in_features), slices, **factory)
         self.bias = _parameter((out_features,), None, **factory) if bias else None
-        self.adapters = None  # a workers.lora.AdapterSlot once a LoRA adapter touches this layer
+        self.adapters = None  # a workers.lora.layers.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)

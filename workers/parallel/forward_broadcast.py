@@ -5,7 +5,7 @@ with a real broadcast (NCCL or gloo): `calls` holds one (args, kwargs) per CFG g
 encoder's forward pre-hook sends one; the DiT's dispatcher, cfg_parallel, one or two), so followers
 run the same sharded forward on the same inputs. Every decision (next step, stop) is taken on the
 driver and arrives as a command, LoRA adapter changes too (ADAPTERS: put, drop, activate; see
-workers/lora.py).
+workers/lora/layers.py).
 
 Collectives have a timeout, so followers must never wait in one for long: between batches (and
 while rank 0 is still loading) they wait on a doorbell, a plain queue with no timeout, which the
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from workers import parallel_state
+from workers.parallel import parallel_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _fill_tensors(tree: Any, tensors: list[torch.Tensor]) -> Any:
 
 def _broadcast_tensor(tensor: torch.Tensor) -> None:
     # gloo has no bool all-reduce/broadcast: move bools as bytes.
-    parallel_state.count("broadcast", tensor.numel() * tensor.element_size())
+    parallel_state.count("broadcast", tensor.nbytes)
     with parallel_state.collective(abortable=False):
         dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
 

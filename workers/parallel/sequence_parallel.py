@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from configs.families import SequenceParallelPlan
-from workers import parallel_state
+from workers.parallel import parallel_state
 
 AXIS = "ulysses"
 

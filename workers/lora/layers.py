@@ -29,7 +29,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from diffusers.utils.peft_utils import get_peft_kwargs
 from torch import nn
 
-from workers.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
+from workers.parallel.parallel_linear import ColumnParallelLinear, RowParallelLinear, shard_slices
 
 ModuleKey = tuple[str, str]  # (pipeline component, module name inside it)
 Active = tuple[tuple[str, float], ...]  # (adapter name, scale) in the order they are added
@@ -51,7 +51,7 @@ class LowRank:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+        return sum(t.nbytes for t in (self.down, self.up))
 
 
 class AdapterSlot:

@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, EngineError, OmniDiffusionSamplingParams, OmniRequestOutput, PartialImage, PromptInput
 from server.errors import APIError, api_error_for, error_body
-from server.image_codec import encode
+from server.images.codec import encode
 from server.schemas import ImageRequest
 
 logger = logging.getLogger(__name__)

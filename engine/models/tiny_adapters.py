@@ -16,7 +16,7 @@ import diffusers
 import torch
 from torch import nn
 
-from engine.model_resolver import resolve_model
+from engine.models.resolver import resolve_model
 
 _DIT_LAYERS = re.compile(r".*(blocks|layers)\.\d+\..*")
 _TEXT_ENCODER_LAYERS = re.compile(r".*layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")

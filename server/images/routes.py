@@ -13,9 +13,9 @@ from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, OmniDiffusionSamplingParams, OmniRequestOutput, PromptInput
 from server.errors import APIError, invalid
-from server.image_codec import MEDIA_TYPES, decode_upload, encode
-from server.image_store import ImageStore
-from server.image_stream import stream_response, warning_headers
+from server.images.codec import MEDIA_TYPES, decode_upload, encode
+from server.images.store import ImageStore
+from server.images.stream import stream_response, warning_headers
 from server.request_recorder import RequestLog, request_log
 from server.schemas import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequest, ImagesResponse
 from server.settings import ServerSettings

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from workers.messages import RankLayout
-from workers.shm_exchange import CollectivesAborted, SharedMemoryGroup, shape_header, shapes_from_header
+from workers.parallel.shm_exchange import CollectivesAborted, SharedMemoryGroup, shape_header, shapes_from_header
 
 __all__ = ["CollectivesAborted"]  # re-exported: what a rank's collectives raise after a peer's fault
 
@@ -142,7 +142,7 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     group = _current().groups["tp"]
     if group.size == 1:
         return tensor
-    count("all_reduce", tensor.numel() * tensor.element_size())
+    count("all_reduce", tensor.nbytes)
     with collective():
         if group.shared_memory is not None:
             group.shared_memory.all_reduce(tensor)
@@ -156,7 +156,7 @@ def all_gather(tensors: list[torch.Tensor], axis: str) -> list[list[torch.Tensor
     group = _current().groups[axis]
     if group.size == 1:
         return [list(tensors)]
-    count(f"{axis}_all_gather", sum(t.numel() * t.element_size() for t in tensors))
+    count(f"{axis}_all_gather", sum(t.nbytes for t in tensors))
     with collective():
         if group.shared_memory is not None:
             return group.shared_memory.all_gather(tensors)
@@ -169,7 +169,7 @@ def all_to_all(pieces: list[torch.Tensor], axis: str) -> list[torch.Tensor]:
     if group.size == 1:
         return list(pieces)
     mine = pieces[group.index]
-    count(f"{axis}_all_to_all", sum(p.numel() * p.element_size() for p in pieces) - mine.numel() * mine.element_size())
+    count(f"{axis}_all_to_all", sum(p.nbytes for p in pieces) - mine.nbytes)
     with collective():
         if group.shared_memory is not None:
             return group.shared_memory.all_to_all(pieces)

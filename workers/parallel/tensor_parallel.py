@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from configs import BufferRule, LayerRule, TensorParallelPlan
-from workers.parallel_linear import (
+from workers.module_tree import owner_of
+from workers.parallel.parallel_linear import (
     ColumnParallelLinear,
     ParallelEmbedding,
     Ranges,
@@ -175,8 +176,7 @@ def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size
 
 
 def _shard_buffer(model: nn.Module, rule: BufferRule, planner: ShardPlanner) -> None:
-    owner_name, _, attribute = rule.pattern.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    owner, attribute = owner_of(model, rule.pattern)
     table = owner._buffers[attribute]
     width = table.shape[-1]
     ranges = [planner.even_range(width, rule.pattern)]
@@ -209,5 +209,4 @@ def _sharded(module: nn.Module, rule: LayerRule, ranges: Ranges) -> nn.Module:
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    setattr(*owner_of(model, name), replacement)

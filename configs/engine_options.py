@@ -1,0 +1,62 @@
+"""The engine's options: one type whose field defaults are the defaults everywhere.
+
+`engine.EngineConfig` extends it with the model and its rank layout; `Omni(model, **options)`
+takes its fields as keywords; `serve`'s flags take their defaults from it. It lives here, not in
+the engine, so `serve --help` can build its parser without importing torch and diffusers.
+Adding an option: a field here, a flag in server/cli.py (its `dest` is the field's name), and
+the code that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from configs.sampling import OmniDiffusionSamplingParams
+
+DEFAULT_MODEL = "builtin/shapes"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: the full-size model from its configuration, random weights
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dtype: str = "auto"  # parameter dtype; auto: bfloat16 on CUDA, float32 on CPU
+    load_format: str = "auto"  # "dummy": full-size random weights from the configurations, no checkpoint
+    default_overrides: OmniDiffusionSamplingParams = field(default_factory=OmniDiffusionSamplingParams)
+    # Reading 50+ GB of weights from a slow disk takes minutes; waiting for it costs nothing, because
+    # the ranks that finish first wait outside any timed collective (forward_broadcast's doorbell).
+    startup_timeout_s: float = 1800.0  # for every rank to load
+    warm_up: bool = True  # one generation at the fewest steps before serving (the online engine)
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, loaded at start
+    max_loras: int = 4  # adapters resident on the ranks at once (the least recently used dropped beyond)
+    max_lora_rank: int = 128  # adapters of a higher rank are refused
+    text_encoder_offload: str | None = None  # device the text encoders stay on between uses ("cpu")
+    vae_offload: str | None = None  # device the VAE stays on between uses
+    # The most work one request may ask for: width x height / 1e6 x steps x n (None: no cap). 1000
+    # admits 2048x2048 x 50 steps x 4 images (840) and refuses the schema's extreme (8389).
+    max_megapixel_steps: float | None = 1000.0
+    request_timeout_s: float | None = None  # seconds before a request fails RequestTimedOut (None: no limit)
+    # The online engine's queue (Omni runs the prompts of one call in order):
+    max_queue_size: int = 64  # requests admitted at once (waiting or running); more get QueueFull (429)
+    max_batch_size: int = 8  # images per pipeline call
+    # False under a supervisor that replaces the whole server (a Ray Serve replica): a dead rank
+    # leaves the engine FAILED instead of restarting the worker group in place
+    restart_workers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}")
+        for name in ("max_queue_size", "max_batch_size", "max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("request_timeout_s", "max_megapixel_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive (or None: no limit)")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
+
+    @property
+    def offload(self) -> dict[str, str | None]:
+        return {"text_encoder": self.text_encoder_offload, "vae": self.vae_offload}
