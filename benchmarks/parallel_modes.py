@@ -24,12 +24,11 @@ from pathlib import Path
 
 import diffusers
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is the repository's, not installed
 
 from configs import load_family
-from tests.helpers import run_ranks
+from tests.helpers import rank_context, run_ranks
 from workers import RankLayout
 from workers.parallel import forward_broadcast, parallel_state
 from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
@@ -116,7 +115,7 @@ def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLay
 
 
 def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int) -> tuple[float, dict]:
-    doorbells = [mp.get_context("spawn").Queue() for _ in range(layout.world_size - 1)]
+    doorbells = [rank_context().Queue() for _ in range(layout.world_size - 1)]
     [(_, elapsed, counters)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory, steps,
                                          doorbells, timeout_s=1800, reports=1)
     return elapsed, counters

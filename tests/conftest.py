@@ -16,12 +16,17 @@ HOLD_DIR = os.path.join(os.environ["DITSERVE_CACHE"], "hold")
 os.makedirs(HOLD_DIR)
 os.environ["DITSERVE_FAULT_FILE"] = FAULT_FILE
 os.environ["DITSERVE_HOLD_DIR"] = HOLD_DIR
+# Qwen-Image-Edit conditions on its input at ~1 MP whatever the output size; the tiny models' edits
+# use 128x128 conditions instead, here (the diffusers references) and in every rank.
+os.environ["DITSERVE_EDIT_CONDITION_AREA"] = str(128 * 128)
 
 import pytest  # noqa: E402
 
 from engine.models.tiny_adapters import build_random_adapter  # noqa: E402
 from engine.models.tiny_models import cached_tiny_model  # noqa: E402
-from workers.testing_hooks import HELD_PREFIX  # noqa: E402
+from workers.testing_hooks import HELD_PREFIX, shrink_edit_conditions  # noqa: E402
+
+shrink_edit_conditions()
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
 

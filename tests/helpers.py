@@ -158,6 +158,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def rank_context():
+    """The multiprocessing context rank processes start from: the fork server the engine's groups
+    use, which has imported torch and the rank code once (a process starts in well under a second
+    instead of importing them again)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["workers.worker_process"])
+    return context
+
+
 def run_ranks(target, world_size: int, *args, timeout_s: float = 300, reports: int | None = None) -> list:
     """Run target(rank, world_size, port, *args, results) in `world_size` spawned processes joined
     in one group; `reports` of them (default: every rank) put one item on `results`. The items in
@@ -165,9 +176,7 @@ def run_ranks(target, world_size: int, *args, timeout_s: float = 300, reports: i
     reporting. The benchmarks use it too."""
     import queue
 
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
+    context = rank_context()
     results = context.Queue()
     port = free_port()
     processes = [context.Process(target=target, args=(rank, world_size, port, *args, results))

@@ -1,13 +1,17 @@
-"""Hooks the test suite drives through files, so tests wait on events instead of racing the clock.
+"""Hooks the test suite drives through its environment, so tests wait on events instead of racing
+the clock, and tiny models stay cheap.
 
-Both are off unless the engine's environment names their file or folder (the suite does, for
-every rank it starts):
+All are off unless the engine's environment names them (the suite does, for every rank it starts):
 - DITSERVE_FAULT_FILE: while it holds "RANK" or "RANK TIMES", that rank raises in its next DiT
   calls (TIMES, default 1), then removes the file: a fault inside a rank, for the isolation tests.
 - DITSERVE_HOLD_DIR: a driver rank that finds a file there claims it (renames it held-<pid>:
   atomic, so one file holds one group) and waits before its next DiT call (followers wait in
   their broadcast, outside any collective) until that file is gone: a group kept busy for
   exactly as long as a test needs.
+- DITSERVE_EDIT_CONDITION_AREA: the Qwen-Image-Edit pipelines size their input images to at
+  most that many pixels (diffusers' own: ~1 MP for the VAE, whatever the output size), so a
+  tiny model's 128x128 edit does not pay for a 1024x1024 condition. The suite sets it in its own
+  process too, where the plain-diffusers references run, so both sides see the same pipeline.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 FAULT_FILE_ENV = "DITSERVE_FAULT_FILE"
 HOLD_DIR_ENV = "DITSERVE_HOLD_DIR"
+EDIT_AREA_ENV = "DITSERVE_EDIT_CONDITION_AREA"
 HELD_PREFIX = "held-"
 _HOLD_POLL_S = 0.02
 
@@ -61,3 +66,23 @@ def hold_if_asked() -> None:
             continue
     while held.exists():
         time.sleep(_HOLD_POLL_S)
+
+
+def shrink_edit_conditions() -> None:
+    area = int(os.environ.get(EDIT_AREA_ENV) or 0)
+    if not area:
+        return
+    from diffusers.pipelines.qwenimage import (
+        pipeline_qwenimage_edit,
+        pipeline_qwenimage_edit_inpaint,
+        pipeline_qwenimage_edit_plus,
+    )
+
+    for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_inpaint, pipeline_qwenimage_edit_plus):
+        original = getattr(module.calculate_dimensions, "original", module.calculate_dimensions)
+
+        def capped(target_area, ratio, original=original):
+            return original(min(target_area, area), ratio)
+
+        capped.original = original
+        module.calculate_dimensions = capped

@@ -23,6 +23,7 @@ import tqdm
 import transformers
 
 from configs import load_family
+from workers import testing_hooks
 from workers.lora.adapter_library import AdapterLibrary, apply_command
 from workers.lora.layers import AdapterError, AdapterStore
 from workers.messages import (
@@ -59,6 +60,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
     events = channels.events
     started = time.perf_counter()
     _take_signals_from_the_engine()
+    testing_hooks.shrink_edit_conditions()
     try:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port,

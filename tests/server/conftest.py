@@ -13,6 +13,16 @@ def z_image_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tp2_server(tmp_path_factory):
+    """TP=2, and a 1 s read timeout for the slow-client tests; it must stop cleanly (exit 0)."""
+    servers = served(tmp_path_factory, "tp2", "tiny/z-image", "--tensor-parallel-size", "2", "--read-timeout", "1")
+    server = next(servers)
+    yield server
+    next(servers, None)
+    assert server.process.returncode == 0, server.log()[-3000:]
+
+
+@pytest.fixture(scope="session")
 def edit_server(tmp_path_factory):
     yield from served(tmp_path_factory, "edit", "tiny/qwen-image-edit", "--default-sampling-params",
                        '{"num_inference_steps": 2}', "--max-upload-bytes", str(2**20))

@@ -19,16 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import SERVE, ServerProcess, b64_pixels, served, wait_until
+from tests.helpers import SERVE, ServerProcess, b64_pixels, wait_until
 
 LONG_PROMPT = " ".join(["a small yellow triangle at the top left on a purple background"] * 16)  # ~1,000 chars
 ORDINARY = [dict(prompt="a red fox", seed=21), dict(prompt="a green frog", seed=22)]
-
-
-@pytest.fixture(scope="module")
-def tp2_server(tmp_path_factory):
-    yield from served(tmp_path_factory, "tp2-bounded", "tiny/z-image", "--tensor-parallel-size", "2",
-                      "--read-timeout", "1")
 
 
 @pytest.fixture(params=["tp1", "tp2"])

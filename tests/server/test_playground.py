@@ -190,10 +190,10 @@ def test_edit_with_a_painted_mask_changes_the_painted_part(page, tmp_path):
 
 
 def _start_a_long_generation(page) -> None:
-    """512x512, 200 steps: running until stopped, with a preview on screen."""
+    """256x256, 200 steps: running until stopped (150 steps after the first preview is on screen)."""
     from selenium.webdriver.common.by import By
 
-    _fill(page, prompt="a small blue triangle at the top on a yellow background", size="512x512", steps="200",
+    _fill(page, prompt="a small blue triangle at the top on a yellow background", size="256x256", steps="200",
           previews="3")
     page.find_element(By.ID, "generate").click()
     _wait(page, lambda: page.find_elements(By.CSS_SELECTOR, "#live .tile img[src]"))

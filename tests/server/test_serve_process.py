@@ -16,16 +16,12 @@ from tests.helpers import b64_pixels as pixels
 API_KEY = "sk-test-7f3a9c"
 
 
-def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tmp_path):
+def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tp2_server: ServerProcess):
+    """(tp2_server checks that it stops cleanly, exit 0, when the session ends.)"""
     request = dict(prompt="a red fox in snow", size="64x64", extra_body={"seed": 11, "num_inference_steps": 3})
     expected = pixels(z_image_server.client().images.generate(**request).data[0].b64_json)
-    server = ServerProcess(["tiny/z-image", "--tensor-parallel-size", "2"]).start(tmp_path / "serve.log")
-    try:
-        result = server.client().images.generate(**request)
-        assert "tensor_parallel_size=2" in server.log()
-    finally:
-        server.stop()
-    assert server.process.returncode == 0
+    result = tp2_server.client().images.generate(**request)
+    assert "tensor_parallel_size=2" in tp2_server.log()
     assert np.abs(pixels(result.data[0].b64_json) - expected).max() <= 1
 
 

@@ -6,10 +6,9 @@ import pickle
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 from engine.host import free_port
-from tests.helpers import run_ranks
+from tests.helpers import rank_context, run_ranks
 from workers import RankLayout
 from workers.parallel import forward_broadcast, parallel_state
 
@@ -61,7 +60,7 @@ def assert_same_tree(got, expected) -> None:
 
 
 def test_forward_arguments_round_trip_to_a_follower():
-    context = mp.get_context("spawn")
+    context = rank_context()
     results = context.Queue()
     port = free_port()
     processes = [context.Process(target=exchange, args=(rank, port, results)) for rank in range(2)]
@@ -109,6 +108,6 @@ def slow_driver_and_follower(rank: int, world_size: int, port: int, doorbells, r
 
 
 def test_followers_wait_out_a_slow_driver_outside_any_timed_collective():
-    doorbells = [mp.get_context("spawn").Queue()]
+    doorbells = [rank_context().Queue()]
     (_, _), (_, follower_sums) = run_ranks(slow_driver_and_follower, 2, doorbells, timeout_s=120)
     assert follower_sums == [6.0, 4.0]  # both forwards ran on the follower; neither rank timed out

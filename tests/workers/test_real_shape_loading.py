@@ -46,6 +46,19 @@ def shortened_sd35_large(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def unsharded_outputs(shortened_sd35_large) -> dict[str, torch.Tensor]:
+    """What the whole (unsharded) components compute, in fp32."""
+    root = shortened_sd35_large
+    models = {
+        "transformer": diffusers.SD3Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32),
+        "text_encoder_2": transformers.CLIPTextModelWithProjection.from_pretrained(
+            root / "text_encoder_2", dtype=torch.float32),
+    }
+    with torch.inference_mode():
+        return {name: output(name, model(**inputs()[name])) for name, model in models.items()}
+
+
 def components(root) -> list[ShardedComponent]:
     return sharded_components(load_family("sd3"), root)
 
@@ -93,19 +106,14 @@ def test_the_checkpoint_is_in_the_real_multi_file_layout(shortened_sd35_large):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_shards_load_hold_the_reported_bytes_and_compute_the_unsharded_output(shortened_sd35_large, world_size):
+def test_shards_load_hold_the_reported_bytes_and_compute_the_unsharded_output(shortened_sd35_large, unsharded_outputs,
+                                                                             world_size):
     from engine.memory_report import memory_report
     from engine.models.resolver import ResolvedModel
 
     root = shortened_sd35_large
     family = load_family("sd3")
-    expected = {
-        "transformer": diffusers.SD3Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32),
-        "text_encoder_2": transformers.CLIPTextModelWithProjection.from_pretrained(
-            root / "text_encoder_2", dtype=torch.float32),
-    }
-    with torch.inference_mode():
-        expected = {name: output(name, model(**inputs()[name])) for name, model in expected.items()}
+    expected = unsharded_outputs
     received = run_ranks(load_and_run, world_size, root)
     report = memory_report(ResolvedModel("shortened", root, family, family.defaults), world_size, torch.float32)
     for (rank, outputs, held), predicted in zip(received, report):
