@@ -6,14 +6,19 @@ import os
 import tempfile
 import uuid
 
-# Set before anything imports the engine: spawned rank processes inherit the environment.
-os.environ["DITSERVE_CACHE"] = tempfile.mkdtemp(prefix="ditserve-test-cache-")
+# Set before anything imports the engine: spawned rank processes inherit the environment. The
+# tiny-model cache is one per run, shared by the pytest-xdist workers (they inherit the variable
+# from the controller, which imports this file first; folders are written atomically).
+os.environ.setdefault("DITSERVE_TEST_CACHE", tempfile.mkdtemp(prefix="ditserve-test-cache-"))
+os.environ["DITSERVE_CACHE"] = os.environ["DITSERVE_TEST_CACHE"]
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Every group the suite starts (servers included) reads these (workers/testing_hooks.py): a rank
-# raises in its DiT while FAULT_FILE names it (inject_fault); a driver waits while it holds a file of HOLD_DIR.
-FAULT_FILE = os.path.join(os.environ["DITSERVE_CACHE"], "inject-fault")
-HOLD_DIR = os.path.join(os.environ["DITSERVE_CACHE"], "hold")
-os.makedirs(HOLD_DIR)
+# raises in its DiT while FAULT_FILE names it (inject_fault); a driver waits while it holds a file of
+# HOLD_DIR. One of each per xdist worker, so one worker's fault never reaches another's ranks.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+FAULT_FILE = os.path.join(os.environ["DITSERVE_CACHE"], f"inject-fault-{_WORKER}")
+HOLD_DIR = os.path.join(os.environ["DITSERVE_CACHE"], f"hold-{_WORKER}")
+os.makedirs(HOLD_DIR, exist_ok=True)
 os.environ["DITSERVE_FAULT_FILE"] = FAULT_FILE
 os.environ["DITSERVE_HOLD_DIR"] = HOLD_DIR
 # Qwen-Image-Edit conditions on its input at ~1 MP whatever the output size; the tiny models' edits
@@ -27,6 +32,19 @@ from engine.models.tiny_models import cached_tiny_model  # noqa: E402
 from workers.testing_hooks import HELD_PREFIX, shrink_edit_conditions  # noqa: E402
 
 shrink_edit_conditions()
+
+SESSION_SERVERS = {"z_image_server", "tp2_server", "edit_server"}  # tests/server/conftest.py
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs it) keeps each module on one worker,
+    so a module's fixtures start once; the modules that use the shared `serve` processes all go to
+    one worker, so those start once too."""
+    shared = {item.module.__name__ for item in items if SESSION_SERVERS & set(item.fixturenames)}
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("session-servers" if name in shared else name))
+
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
 
