@@ -33,17 +33,10 @@ from workers.testing_hooks import HELD_PREFIX, shrink_edit_conditions  # noqa: E
 
 shrink_edit_conditions()
 
-SESSION_SERVERS = {"z_image_server", "tp2_server", "edit_server"}  # tests/server/conftest.py
-
-
 def pytest_collection_modifyitems(items) -> None:
-    """pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs it) keeps each module on one worker,
-    so a module's fixtures start once; the modules that use the shared `serve` processes all go to
-    one worker, so those start once too."""
-    shared = {item.module.__name__ for item in items if SESSION_SERVERS & set(item.fixturenames)}
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("session-servers" if name in shared else name))
+    """The HTTP tests first: under pytest-xdist (`make test`: `-n 2 --dist loadfile`, one file per
+    worker at a time) the files with the longest set-ups start early instead of making the tail."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/server/"))
 
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA
