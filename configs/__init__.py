@@ -3,6 +3,7 @@
 Every layer may read this package; it imports nothing from server/, engine/ or workers/.
 """
 
+from configs.caching import CACHE_BACKENDS, CacheSettings
 from configs.engine_options import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions
 from configs.families import (
     AttentionRule,
@@ -35,6 +36,8 @@ from configs.sampling import (
 )
 
 __all__ = [
+    "CACHE_BACKENDS",
+    "CacheSettings",
     "DEFAULT_MODEL",
     "DTYPES",
     "EngineOptions",

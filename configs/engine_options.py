@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from configs.caching import CacheSettings
 from configs.sampling import OmniDiffusionSamplingParams
 
 DEFAULT_MODEL = "builtin/shapes"
@@ -36,6 +37,8 @@ class EngineOptions:
     # admits 2048x2048 x 50 steps x 4 images (840) and refuses the schema's extreme (8389).
     max_megapixel_steps: float | None = 1000.0
     request_timeout_s: float | None = None  # seconds before a request fails RequestTimedOut (None: no limit)
+    cache_backend: str = "none"  # step caching: none, first_block_cache or taylorseer (configs/caching.py)
+    cache_config: dict = field(default_factory=dict)  # that backend's knobs, e.g. {"threshold": 0.1}
     # The online engine's queue (Omni runs the prompts of one call in order):
     max_queue_size: int = 64  # requests admitted at once (waiting or running); more get QueueFull (429)
     max_batch_size: int = 8  # images per pipeline call
@@ -56,6 +59,11 @@ class EngineOptions:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive (or None: no limit)")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
+        self.cache_settings  # noqa: B018 - raises ValueError for an unknown backend or knob
+
+    @property
+    def cache_settings(self) -> CacheSettings:
+        return CacheSettings.of(self.cache_backend, self.cache_config)
 
     @property
     def offload(self) -> dict[str, str | None]:

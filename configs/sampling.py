@@ -60,6 +60,8 @@ class OmniDiffusionSamplingParams:
     partial_images: int | None = None  # previews streamed while the image is made (0-3)
     strength: float | None = None  # image-to-image and inpainting: how far from the input (0-1)
     loras: list[LoraAdapter] | None = None  # LoRA adapters loaded on the engine, composed additively
+    cache: str | None = None  # "off": no step caching for this request on a caching server ("on": as the server)
+    cache_threshold: float | None = None  # first_block_cache: this request's threshold instead of the server's
 
     def overridden_by(self, other: "OmniDiffusionSamplingParams") -> "OmniDiffusionSamplingParams":
         """These values with every field `other` sets replaced."""
@@ -68,7 +70,7 @@ class OmniDiffusionSamplingParams:
 
 # SamplingParams field -> the diffusers pipeline argument it becomes, where the names differ.
 _PIPELINE_ARGUMENT = {"num_outputs_per_prompt": "num_images_per_prompt"}
-_NOT_PIPELINE_ARGUMENTS = {"partial_images"}  # used by the runner around the pipeline call
+_NOT_PIPELINE_ARGUMENTS = {"partial_images", "cache", "cache_threshold"}  # used by the runner around the call
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,16 @@ class SamplingParams:
     max_sequence_length: int | None = None
     partial_images: int = 0
     strength: float | None = None
+    cache: str = "off"  # resolved "on" unless asked off, and kept "on" only where the server caches
+    # (engine.intake.sampling): "on" means this request's steps may be cached
+    cache_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.cache not in ("on", "off"):
+            raise SamplingValueError(f"cache={self.cache!r} must be 'on' or 'off'", "cache")
+        if self.cache_threshold is not None and not 0 < self.cache_threshold <= 10:
+            raise SamplingValueError(f"cache_threshold={self.cache_threshold} must be above 0 and at most 10",
+                                     "cache_threshold")
         _check_range("num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS)
         _check_range("partial_images", self.partial_images, 0, MAX_PARTIAL_IMAGES)
         if self.strength is not None:
@@ -106,7 +116,7 @@ class SamplingParams:
         for field in dataclasses.fields(cls):
             value = getattr(asked, field.name)
             values[field.name] = getattr(defaults, field.name) if value is None else value
-        for name, unset in (("num_outputs_per_prompt", 1), ("partial_images", 0)):
+        for name, unset in (("num_outputs_per_prompt", 1), ("partial_images", 0), ("cache", "on")):
             if values[name] is None:
                 values[name] = unset
         if values["height"] is None:  # one side given and no default for the other: square

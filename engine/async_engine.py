@@ -145,7 +145,8 @@ class AsyncEngine:
         `result` waits for it. A streaming response admits first, so these errors are plain HTTP errors."""
         if not self.accepting:
             raise EngineNotReady(self.failure)
-        request = build_request(self.model, prompt, params, self.loras, self.config.max_megapixel_steps)
+        request = build_request(self.model, prompt, params, self.loras, self.config.max_megapixel_steps,
+                                self.config.cache_settings)
         for warning in request.warnings:
             logger.warning("request %s: %s", request.request_id, warning)
         admitted = self.scheduler.admitted

@@ -27,6 +27,8 @@ class Metrics:
         self.images = Counter("ditserve_images_generated", "Images produced", registry=r)
         self.step_seconds = Histogram("ditserve_step_seconds", "Duration of one denoising step of a batch",
                                       buckets=_STEP_BUCKETS, registry=r)
+        self.steps_cached = Counter("ditserve_steps_cached", "Denoising steps whose DiT blocks were skipped or "
+                                    "predicted (step caching)", registry=r)
         self.cancelled = Counter("ditserve_requests_cancelled", "Requests stopped by disconnect or timeout", registry=r)
         self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)
         self.parallel_size = Gauge("ditserve_parallel_size", "Ranks along each axis of the parallel layout "

@@ -65,7 +65,7 @@ class Omni:
         params = sampling_params or OmniDiffusionSamplingParams()
         items = prompts if isinstance(prompts, list) else [prompts]
         requests = [build_request(self.model, PromptInput.from_user(item), params, self.loras,
-                                  self.config.max_megapixel_steps) for item in items]
+                                  self.config.max_megapixel_steps, self.config.cache_settings) for item in items]
         started = time.perf_counter()
         futures = [self._group.submit(GenerationBatch([request]), _partial_handlers(request, index, on_partial))[0]
                    for index, request in enumerate(requests)]

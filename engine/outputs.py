@@ -47,6 +47,8 @@ def output_from_result(
     timings = {"total_s": time.perf_counter() - submitted, "inference_s": result.inference_s, "queue_s": queue_s}
     if result.step_s:
         timings["step_s"] = sum(result.step_s) / len(result.step_s)
+    if request.sampling.cache == "on":
+        timings["cached_steps"] = result.cached_steps
     return OmniRequestOutput(
         request_id=request.request_id,
         prompt=request.prompt,

@@ -128,6 +128,7 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         max_loras=options.max_loras,
         max_lora_rank=options.max_lora_rank,
         offload=offload,
+        cache=options.cache_settings,
     )
 
 

@@ -52,6 +52,8 @@ def batch_key(request: GenerationRequest) -> Hashable:
     """Requests with equal keys differ only in prompt, negative prompt and seed."""
     if request.images:  # input images are pipeline-wide: an edit request runs alone
         return ("alone", request.request_id)
+    if request.sampling.cache == "on":  # a skip decision is one per call: a caching request runs alone, so its
+        return ("alone", request.request_id)  # picture never depends on who else was waiting
     # A pipeline takes negative prompts for all prompts or for none; LoRA adapters apply to a whole call.
     return request.sampling, request.negative_prompt is None, request.loras
 
@@ -166,6 +168,7 @@ class Scheduler:
             for seconds in done[0].step_s:
                 self.metrics.step_seconds.observe(seconds)
             self.metrics.images.inc(sum(len(r.images) for r in done))
+            self.metrics.steps_cached.inc(sum(r.cached_steps for r in done))
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop,

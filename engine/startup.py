@@ -62,7 +62,7 @@ def _warm_up(model: ResolvedModel, group: WorkerGroup) -> None:
     side = model.family.size.min
     images = [Image.new("RGB", (side, side), (127, 127, 127))] if model.family.is_edit else []
     request = build_request(model, PromptInput("warm-up", images=images), OmniDiffusionSamplingParams(
-        num_inference_steps=model.family.min_inference_steps, seed=0))
+        num_inference_steps=model.family.min_inference_steps, seed=0, cache="off"))
     result = group.submit(GenerationBatch([request]))[0].result()
     if isinstance(result, GenerationFailure):
         raise GenerationError(f"warm-up generation failed: {error_for(result)}")

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from configs import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions, load_all_families
+from configs import CACHE_BACKENDS, DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions, load_all_families
 
 _RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 ENGINE = EngineOptions()  # every engine flag's default, and its `dest`, is a field of EngineOptions
@@ -97,6 +97,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
                                  "copy it to the rank's device for each use: less GPU memory, one copy per use")
     parser.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=ENGINE.startup_timeout_s,
                         help=f"seconds every rank may take to load (default {ENGINE.startup_timeout_s:.0f})")
+    parser.add_argument("--cache-backend", default=ENGINE.cache_backend, choices=CACHE_BACKENDS,
+                        help="step caching: skip the DiT's blocks at steps where they change little, the same "
+                             "steps on every rank (default none; a request may send cache=off)")
+    parser.add_argument("--cache-config", default=None, metavar="JSON",
+                        help='the backend\'s knobs, e.g. \'{"threshold": 0.1, "warmup_steps": 2, '
+                             '"max_cached_steps": 3}\' (first_block_cache) or \'{"cache_interval": 3, '
+                             '"disable_cache_before_step": 2}\' (taylorseer)')
     parser.add_argument("--default-sampling-params", dest="default_overrides", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,

@@ -73,6 +73,16 @@ def _sampling_overrides(text: str | None) -> OmniDiffusionSamplingParams:
         raise SystemExit(f"serve: error: --default-sampling-params must be a JSON object with fields {fields}: {exc}")
 
 
+def _json_object(text: str | None, flag: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"serve: error: {flag} must be a JSON object: {exc}")
+    if not isinstance(value, dict):
+        raise SystemExit(f"serve: error: {flag} must be a JSON object, not {text}")
+    return value
+
+
 # After the drain, what uvicorn still waits for: the 503s and stream error events being written.
 _ANSWER_GRACE_S = 5.0
 
@@ -138,12 +148,7 @@ def _ray_plan(args: argparse.Namespace):
     except ImportError as exc:
         raise SystemExit(f"serve: error: --replicas, --ray-address and --autoscaling need Ray Serve: "
                          f"pip install 'ditserve[ray]' ({exc})")
-    try:
-        autoscaling = None if args.autoscaling is None else json.loads(args.autoscaling)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"serve: error: --autoscaling must be a JSON object: {exc}")
-    if autoscaling is not None and not isinstance(autoscaling, dict):
-        raise SystemExit(f"serve: error: --autoscaling must be a JSON object, not {args.autoscaling}")
+    autoscaling = None if args.autoscaling is None else _json_object(args.autoscaling, "--autoscaling")
     return RayPlan(args.replicas, args.ray_address, autoscaling, args.cpus_per_replica)
 
 
@@ -158,7 +163,8 @@ def serve(args: argparse.Namespace) -> None:
     try:
         options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions) if hasattr(args, f.name)}
         options.update(default_overrides=_sampling_overrides(args.default_overrides),
-                       lora_modules=parse_lora_modules(args.lora_modules))
+                       lora_modules=parse_lora_modules(args.lora_modules),
+                       cache_config=_json_object(args.cache_config, "--cache-config"))
         parallel = _auto_parallel_config(args) if args.parallel == "auto" else _parallel_config(args)
         config = EngineConfig(model=args.model, parallel_config=parallel, **options)
         # a bad name fails here, before anything starts

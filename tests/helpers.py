@@ -91,8 +91,8 @@ def reference_prompt(family: str) -> dict:
 
 def reference_params(family: str, **values) -> OmniDiffusionSamplingParams:
     """The sampling values reference_image uses (steps, seed, FLUX.1's true CFG), plus `values`."""
-    return OmniDiffusionSamplingParams(num_inference_steps=REFERENCE_STEPS, seed=REFERENCE_SEED,
-                                       **(FLUX_TRUE_CFG if family == "flux" else {}), **values)
+    return OmniDiffusionSamplingParams(**{"num_inference_steps": REFERENCE_STEPS, "seed": REFERENCE_SEED,
+                                          **(FLUX_TRUE_CFG if family == "flux" else {}), **values})
 
 
 def edit_mask(size: tuple[int, int]) -> Image.Image:

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from configs import EngineOptions, SamplingParams
+from configs import CacheSettings, EngineOptions, SamplingParams
 
 OFFLOADABLE = ("text_encoder", "vae")  # the pipeline models --text-encoder-offload / --vae-offload keep elsewhere
 
@@ -75,6 +75,7 @@ class WorkerSpec:
     max_loras: int = EngineOptions.max_loras
     max_lora_rank: int = EngineOptions.max_lora_rank
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
+    cache: CacheSettings = CacheSettings()  # the server's step caching (a request may turn it off)
 
     @property
     def world_size(self) -> int:
@@ -161,6 +162,7 @@ class GenerationResult:
     inference_s: float
     step_s: list[float]  # duration of each denoising step after the first
     batch_images: int  # images in the pipeline call this request was part of
+    cached_steps: int = 0  # steps whose (conditional) DiT call skipped its blocks (workers/step_cache.py)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,13 +11,15 @@ from typing import Any
 import diffusers
 import torch
 
-from configs import load_family
+from configs import CacheSettings, load_family
 from configs.families import FamilyConfig, PreviewPlan
 from workers.lora.adapter_library import AdapterLibrary
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
 from workers.parallel.cfg_parallel import CfgDispatcher
 from workers.partial_previews import PreviewDecoder, preview_steps
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
+
+logger = logging.getLogger(__name__)
 
 
 def load_pipeline(spec: WorkerSpec, **components: Any) -> diffusers.DiffusionPipeline:
@@ -46,8 +49,10 @@ class PipelineRunner:
     arguments the pipeline's __call__ accepts."""
 
     def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None,
-                 family: FamilyConfig | None = None, adapters: AdapterLibrary | None = None):
+                 family: FamilyConfig | None = None, adapters: AdapterLibrary | None = None,
+                 cache: CacheSettings = CacheSettings()):
         self.pipeline = pipeline
+        self.cache = cache  # the server's step caching; each batch's requests may turn it off
         self.dispatcher = dispatcher
         self.adapters = adapters
         self.previews = PreviewDecoder(pipeline, family.preview if family else PreviewPlan())
@@ -125,13 +130,18 @@ class PipelineRunner:
             self.adapters.activate(first.loras)
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
-                                                                   first.negative_prompt))
+                                                                   first.negative_prompt),
+                                  self.cache.for_request(first.sampling.cache, first.sampling.cache_threshold))
         pipeline = self.pipeline_for(first.pipeline)
         if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
         images = list(pipeline(**arguments, output_type="pil").images)
         inference_s = time.perf_counter() - started
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
+        cached_steps = self.dispatcher.executor.step_cache.cached_calls if self.dispatcher is not None else 0
+        if cached_steps:
+            logger.info("batch of %d image(s): %d of %d steps cached (%s)", len(images), cached_steps,
+                        first.sampling.num_inference_steps, self.dispatcher.executor.step_cache.settings.backend)
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt
@@ -142,6 +152,7 @@ class PipelineRunner:
                 inference_s=inference_s,
                 step_s=step_s,
                 batch_images=len(images),
+                cached_steps=cached_steps,
             ))
             offset += count
         return results

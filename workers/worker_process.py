@@ -78,7 +78,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
             store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
             adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
                                       broadcast=spec.world_size > 1)
-            runner = PipelineRunner(pipeline, dispatcher, family, adapters)
+            runner = PipelineRunner(pipeline, dispatcher, family, adapters, spec.cache)
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from configs import MAX_SEED, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
+from configs import MAX_SEED, CacheSettings, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
 from engine.errors import InvalidRequestError
 from engine.intake.masks import inpainting_mask
 from engine.intake.prompt_text import max_text_tokens, prompt_tokens
@@ -51,10 +51,11 @@ def new_seed() -> int:
 
 
 def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusionSamplingParams,
-                  adapters: LoraRegistry | None = None, max_megapixel_steps: float | None = None) -> GenerationRequest:
+                  adapters: LoraRegistry | None = None, max_megapixel_steps: float | None = None,
+                  cache: CacheSettings = CacheSettings()) -> GenerationRequest:
     """Fill unset values from the model's defaults and check every value; InvalidRequestError says what
     is wrong. `adapters`: the LoRA adapters `params.loras` may name; `max_megapixel_steps`: the most
-    work (width x height / 1e6 x steps x n) one request may ask for."""
+    work (width x height / 1e6 x steps x n) one request may ask for; `cache`: the server's step caching."""
     family = model.family
     if params.loras and adapters is None:
         raise InvalidRequestError("no LoRA adapters are loaded", "loras")
@@ -96,6 +97,7 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
                 f"this request asks for {work:g} megapixel-steps ({sampling.width}x{sampling.height}, "
                 f"{sampling.num_inference_steps} steps, n={sampling.num_outputs_per_prompt}); this server runs at "
                 f"most {max_megapixel_steps:g} per request: ask for fewer steps, images or pixels", "size")
+    sampling = _with_cache(sampling, cache)
     if pipeline != "main":
         _check_strength(sampling)
         images, mask = _resized_to(sampling, prompt.images, mask)
@@ -115,6 +117,16 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         loras=loras,
         warnings=warnings,
     )
+
+
+def _with_cache(sampling: SamplingParams, cache: CacheSettings) -> SamplingParams:
+    """`cache` stays "on" only where the server caches, so equal requests batch on any server."""
+    if sampling.cache_threshold is not None and cache.backend != "first_block_cache":
+        raise InvalidRequestError(f"cache_threshold applies to first_block_cache; this server's step cache is "
+                                  f"{cache.backend}", "cache_threshold")
+    if not cache.active:
+        return dataclasses.replace(sampling, cache="off", cache_threshold=None)
+    return sampling
 
 
 def _check_strength(sampling: SamplingParams) -> None:

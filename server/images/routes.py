@@ -155,6 +155,8 @@ def _log_outputs(log: RequestLog, outputs: list[OmniRequestOutput]) -> None:
     first = outputs[0]
     log.add(steps=first.num_inference_steps, batch=first.batch_images, queue_wait=f"{first.timings['queue_s']:.3f}s",
             seed=first.seed)
+    if "cached_steps" in first.timings:
+        log.add(cached_steps=first.timings["cached_steps"])
 
 
 async def _until_disconnected(request: Request) -> None:

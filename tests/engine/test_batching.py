@@ -42,6 +42,15 @@ def test_batches_stop_at_max_images_and_an_oversize_request_runs_alone():
     assert names(take_batch([item("a"), item("b")], max_images=1)) == ["a"]
 
 
+def test_requests_that_cache_steps_never_share_a_call():
+    """A skip decision is one per DiT call: a caching request's picture must not depend on its company."""
+    waiting = [item("a"), item("b")]
+    for entry in waiting:
+        entry.request.sampling = dataclasses.replace(entry.request.sampling, cache="on")
+    assert names(take_batch(waiting, max_images=8)) == ["a"]
+    assert names(take_batch([item("c"), item("d")], max_images=8)) == ["c", "d"]  # "off" batch as before
+
+
 def test_requests_with_input_images_never_share_a_call():
     from PIL import Image
 

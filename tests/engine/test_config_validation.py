@@ -28,7 +28,7 @@ def test_offload_settings_must_name_a_device():
 def test_sampling_params_resolve_asked_values_over_defaults_and_check_bounds():
     defaults = OmniDiffusionSamplingParams(num_inference_steps=9, height=128, width=128, guidance_scale=0.0)
     resolved = SamplingParams.resolve(OmniDiffusionSamplingParams(num_inference_steps=3, width=96), defaults)
-    assert resolved == SamplingParams(num_inference_steps=3, height=128, width=96, guidance_scale=0.0)
+    assert resolved == SamplingParams(num_inference_steps=3, height=128, width=96, guidance_scale=0.0, cache="on")
     assert resolved.pipeline_arguments() == {
         "num_inference_steps": 3, "num_images_per_prompt": 1, "height": 128, "width": 96, "guidance_scale": 0.0}
     unset = OmniDiffusionSamplingParams()

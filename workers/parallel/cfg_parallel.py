@@ -28,11 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from configs import CacheSettings
 from configs.families import CfgParallelPlan, SequenceParallelPlan
 from workers import testing_hooks
 from workers.parallel import forward_broadcast, parallel_state, sequence_parallel
+from workers.parallel.step_cache import StepCache
 
 logger = logging.getLogger(__name__)
+
+ROWS = "rows"  # a call whose rows hold both guidance branches (or the only one)
 
 Call = tuple[tuple, dict]
 
@@ -47,13 +51,20 @@ class DitExecutor:
             self._run = sequence_parallel.install(dit, plan)
         else:
             self._run = lambda forward, args, kwargs: forward(*args, **kwargs)
+        self.step_cache = StepCache(dit)  # after the Ulysses hooks: they read the blocks' own signatures
 
-    def __call__(self, calls: list[Call | None], exchange: bool) -> list[Any]:
-        """Outputs of every group's call when `exchange`, else of this group's only."""
+    def __call__(self, calls: list[Call | None], exchange: bool, branches: list[str] | None = None) -> list[Any]:
+        """Outputs of every group's call when `exchange`, else of this group's only. branches[g]: which
+        guidance branch group g's call is ("cond", "uncond", or "rows": both as rows of one call)."""
         testing_hooks.raise_if_asked(parallel_state.rank())
         group = parallel_state.rank_in("cfg")
         call = calls[group] if group < len(calls) else None
-        output = self._run(self.forward, *call) if call is not None else None
+        output = None
+        if call is not None:
+            branch = branches[group] if branches else ROWS
+            split = ("ulysses", "cfg") if exchange and branch == ROWS else ("ulysses",)  # who holds other pieces
+            with self.step_cache.call(branch, split):
+                output = self._run(self.forward, *call)
         if not exchange:
             return [output]
         tensors = _output_tensors(output)
@@ -77,13 +88,18 @@ class CfgDispatcher:
     def __init__(self, name: str, executor: DitExecutor, plan: CfgParallelPlan):
         self.name, self.executor, self.plan = name, executor, plan
         self._pairs = False
+        self._calls = 0  # in this batch: with pairs, even calls are cond, odd ones uncond
         self._pending: tuple[Call, torch.Tensor] | None = None
         self._told_single = False
 
-    def begin(self, pairs: bool) -> None:
-        """Before each pipeline call: does it call the DiT twice per step (cond, uncond)?"""
+    def begin(self, pairs: bool, cache: CacheSettings = CacheSettings()) -> None:
+        """Before each pipeline call: does it call the DiT twice per step (cond, uncond)? And its
+        step-cache settings, on every rank."""
         self._pending = None
-        self._pairs = pairs
+        self._pairs, self._calls = pairs, 0
+        if parallel_state.layout().world_size > 1:
+            forward_broadcast.send(forward_broadcast.CACHE, cache)
+        self.executor.step_cache.begin(cache)
 
     def check_settled(self) -> None:
         """After each step: a cond call whose uncond never came would leave a promise unread-but-used."""
@@ -92,8 +108,9 @@ class CfgDispatcher:
             raise RuntimeError("CFG parallel: the pipeline made a cond DiT call without its uncond call this step")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._calls += 1
         if parallel_state.size_of("cfg") == 1:
-            return self._run([(args, kwargs)], exchange=False)[0]
+            return self._run([(args, kwargs)], exchange=False, branches=[self._branch()])[0]
         if self._pairs:
             return self._pair(args, kwargs)
         if self.plan.branches == "batched":
@@ -105,7 +122,13 @@ class CfgDispatcher:
             self._told_single = True
             logger.info("a DiT call with one guidance branch (no true CFG, guidance off, one image) runs on CFG "
                         "group 0 while group 1 waits (logged once)")
-        return self._run([(args, kwargs)], exchange=False)[0]
+        return self._run([(args, kwargs)], exchange=False, branches=[self._branch()])[0]
+
+    def _branch(self) -> str:
+        """The branch of a call that runs on group 0 alone: with pairs, cond and uncond alternate."""
+        if not self._pairs:
+            return ROWS
+        return "cond" if self._calls % 2 == 1 else "uncond"
 
     def _pair(self, args: tuple, kwargs: dict) -> Any:
         if self._pending is None:
@@ -115,7 +138,7 @@ class CfgDispatcher:
             return (promise,)
         cond_call, promise = self._pending
         self._pending = None
-        cond, uncond = self._run([cond_call, (args, kwargs)], exchange=True)
+        cond, uncond = self._run([cond_call, (args, kwargs)], exchange=True, branches=["cond", "uncond"])
         if cond[0].shape != promise.shape or cond[0].dtype != promise.dtype:
             raise RuntimeError(f"CFG parallel: the DiT output {tuple(cond[0].shape)} {cond[0].dtype} does not have "
                                f"the shape of its hidden_states {tuple(promise.shape)} {promise.dtype}")
@@ -135,15 +158,15 @@ class CfgDispatcher:
             for name in batched:
                 part.arguments[name] = part.arguments[name][start : start + count]
             calls.append((part.args, part.kwargs))
-        first, second = self._run(calls, exchange=True)
+        first, second = self._run(calls, exchange=True, branches=[ROWS, ROWS])
         merged = first[0] + second[0] if isinstance(first[0], list) else torch.cat([first[0], second[0]])
         return (merged, *first[1:])
 
-    def _run(self, calls: list[Call], exchange: bool) -> list[Any]:
+    def _run(self, calls: list[Call], exchange: bool, branches: list[str]) -> list[Any]:
         testing_hooks.hold_if_asked()
         if parallel_state.layout().world_size > 1:
-            forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange))
-        return self.executor(calls, exchange)
+            forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange, branches))
+        return self.executor(calls, exchange, branches)
 
 
 def install_dispatcher(name: str, dit: nn.Module, executor: DitExecutor, plan: CfgParallelPlan) -> CfgDispatcher:
@@ -157,7 +180,8 @@ def follower_handlers(dit_name: str, executor: DitExecutor,
                       text_encoders: dict[str, nn.Module]) -> dict[str, Callable[[list[Call], bool], Any]]:
     """What a follower runs for each broadcast forward: its DiT part; a text encoder only in the
     driver's TP group (cfg group 0, Ulysses rank 0), the only ranks that hold one."""
-    handlers: dict[str, Callable[[list[Call], bool], Any]] = {dit_name: executor}
+    handlers: dict[str, Callable[..., Any]] = {dit_name: executor,
+                                               forward_broadcast.CACHE: executor.step_cache.begin}
     for name, module in text_encoders.items():
         handlers[name] = lambda calls, exchange, module=module: module(*calls[0][0], **calls[0][1])
     return handlers

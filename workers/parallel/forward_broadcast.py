@@ -28,7 +28,8 @@ from workers.parallel import parallel_state
 
 logger = logging.getLogger(__name__)
 
-FORWARD, ADAPTERS, IDLE, STOP = "forward", "adapters", "idle", "stop"
+FORWARD, ADAPTERS, CACHE, IDLE, STOP = "forward", "adapters", "cache", "idle", "stop"
+_SETTINGS = (ADAPTERS, CACHE)  # commands a follower applies with handlers[command](tree)
 _DOORBELL_POLL_S = 1.0
 
 
@@ -146,8 +147,9 @@ def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_al
     """Follower loop: after each ring, run every broadcast forward with the named handler until the
     driver says idle (settle the batch, wait for the next ring) or stop. A rank without a handler for
     a name (a text encoder it does not hold) only receives the call. handlers[ADAPTERS] takes adapter
-    commands. An error in a handler fails the batch, not the rank: it is reported to every rank
-    (parallel_state.report_fault), this rank goes on receiving, and the batch's settle tells all."""
+    commands, handlers[CACHE] a batch's step-cache settings. An error in a handler fails the batch,
+    not the rank: it is reported to every rank (parallel_state.report_fault), this rank goes on
+    receiving, and the batch's settle tells all."""
     while _wait_for_the_doorbell(doorbell, engine_alive):
         while True:
             command, tree = receive()
@@ -157,12 +159,12 @@ def follow(handlers: dict[str, Callable[[list, bool], Any]], doorbell, engine_al
                 parallel_state.settle()
                 break
             try:
-                if command == ADAPTERS:
-                    handlers[ADAPTERS](tree)
+                if command in _SETTINGS:
+                    handlers[command](tree)
                     continue
-                name, calls, exchange = tree
+                name, calls, exchange, *branches = tree
                 if name in handlers:
-                    handlers[name](calls, exchange)
+                    handlers[name](calls, exchange, *branches)
             except Exception as exc:  # noqa: BLE001 - the batch fails on every rank; this rank serves on
                 if parallel_state.group_broken():
                     raise
