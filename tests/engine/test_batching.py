@@ -97,17 +97,21 @@ def test_a_batched_request_gets_exactly_its_own_image(family):
     assert max_pixel_difference(together[0].images[0], together[1].images[0]) > 10
 
 
-# Four 1024x1024 images for 200 steps: minutes of work here, far beyond the timeout; the quick
-# request gets the same timeout, ten times what it needs even on a loaded machine.
-LONG = OmniDiffusionSamplingParams(num_inference_steps=200, height=1024, width=1024, num_outputs_per_prompt=4)
-TIMEOUT_S = 3.0
+# The slow request is held inside its first step (a test hook, released by the test) until its
+# timeout has passed: no race with the machine's speed. The quick request gets the same timeout,
+# far more than one 64x64 step needs even on a loaded machine.
+SLOW = OmniDiffusionSamplingParams(num_inference_steps=200, height=128, width=128, num_outputs_per_prompt=2)
+TIMEOUT_S = 5.0
 
 
-async def _timed_out_then_quick() -> tuple[float, OmniRequestOutput]:
+async def _timed_out_then_quick(holds) -> tuple[float, OmniRequestOutput]:
     engine = await started_engine(model="tiny/z-image", request_timeout_s=TIMEOUT_S)
     try:
+        holds.arm(1)
         with pytest.raises(asyncio.TimeoutError):
-            await engine.generate(PromptInput("slow"), LONG)
+            await engine.generate(PromptInput("slow"), SLOW)
+        assert holds.held() == 1  # it timed out inside its step, not in the queue
+        holds.release()
         started = asyncio.get_running_loop().time()
         quick = await engine.generate(PromptInput("quick"), OmniDiffusionSamplingParams(
             num_inference_steps=1, height=64, width=64))
@@ -116,9 +120,9 @@ async def _timed_out_then_quick() -> tuple[float, OmniRequestOutput]:
         await engine.shutdown()
 
 
-def test_a_timed_out_request_stops_at_the_next_step_and_frees_the_worker():
-    waited, quick = asyncio.run(_timed_out_then_quick())
-    # Had the slow request kept the worker, the quick one would have timed out behind it.
+def test_a_timed_out_request_stops_at_the_next_step_and_frees_the_worker(holds):
+    waited, quick = asyncio.run(_timed_out_then_quick(holds))
+    # Had the slow request kept the worker (199 steps left), the quick one would have timed out behind it.
     assert quick.images[0].size == (64, 64)
     assert waited < TIMEOUT_S and quick.timings["queue_s"] < TIMEOUT_S
 

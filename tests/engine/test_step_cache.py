@@ -16,8 +16,11 @@ FBC = {"cache_backend": "first_block_cache", "cache_config": {"threshold": 10.0,
                                                               "max_cached_steps": 3}}
 TAYLORSEER = {"cache_backend": "taylorseer", "cache_config": {"cache_interval": 3, "disable_cache_before_step": 2}}
 LAYOUTS = {"tp2": (2, 1, 1), "usp2": (1, 2, 1), "cfg2": (1, 1, 2), "tp2xusp2": (2, 2, 1)}
-# CFG=2 where a family runs two branches (Z-Image-Turbo has one); the hybrid for one family per CFG kind.
-CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS
+# Every kind of block stack and guidance: Z-Image (one stack, one branch), Qwen-Image (cond and
+# uncond as separate calls; the edit families share its transformer), FLUX.1 (two stacks, true CFG),
+# SD3 (both branches as rows of one call). CFG=2 where a family runs two branches; the hybrid for
+# one family per CFG kind.
+CASES = [(family, layout) for family in ("z-image", "qwen-image", "flux", "sd3") for layout in LAYOUTS
          if not (family == "z-image" and layout == "cfg2")
          and not (layout == "tp2xusp2" and family not in ("sd3", "qwen-image"))]
 
