@@ -142,7 +142,7 @@ class StepCache:
                 or state.cached_in_a_row >= self.settings.max_cached_steps or state.tail_residuals is None:
             return False
         sums = torch.stack([(residual - state.head_residual).abs().sum(dtype=torch.float64),
-                            state.head_residual.abs().sum(dtype=torch.float64)]).cpu()
+                            state.head_residual.abs().sum(dtype=torch.float64)])  # on the device: NCCL
         for axis in self._call.axes:
             sums = torch.stack([member[0] for member in parallel_state.all_gather([sums], axis)]).sum(0)
         change, scale = sums.tolist()
