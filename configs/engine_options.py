@@ -59,7 +59,7 @@ class EngineOptions:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive (or None: no limit)")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
-        self.cache_settings  # noqa: B018 - raises ValueError for an unknown backend or knob
+        CacheSettings.of(self.cache_backend, self.cache_config)  # an unknown backend or knob: ValueError
 
     @property
     def cache_settings(self) -> CacheSettings:

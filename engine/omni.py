@@ -37,10 +37,13 @@ class Omni:
         request uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
         self.config = EngineConfig(model=model, parallel_config=parallel_config or DiffusionParallelConfig(),
                                    **{"warm_up": False, **options})
-        self.parallel_config = self.config.parallel_config
         self.loras = LoraRegistry(self.config.max_loras, reserved_names={model})
         self.model: ResolvedModel
         self.model, self._group = start_group(self.config, self.loras)
+
+    @property
+    def parallel_config(self) -> DiffusionParallelConfig:
+        return self.config.parallel_config
 
     def load_lora(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter (a folder, a .safetensors file or a hub id) under `name`; raises

@@ -64,7 +64,7 @@ class StepCache:
 
     dit: nn.Module
     settings: CacheSettings = CacheSettings()
-    cached_calls: int = 0  # calls whose blocks were skipped or predicted, this batch
+    cached_calls: int = 0  # this batch's steps whose cond (or rows) call was skipped or predicted
     _blocks: list[nn.Module] = field(default_factory=list)
     _states: dict[str, _BranchState] = field(default_factory=dict)
     _call: _Call | None = None
