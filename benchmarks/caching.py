@@ -4,7 +4,7 @@ For each backend setting, the held-out prompts of benchmarks/shapes_quality.py (
 --prompts of them, one seed each) run through `Omni` at --steps, side by side with the uncached
 run in the same process. Columns: steps whose blocks were skipped or predicted; the share of
 block-stack evaluations saved (first-block cache: all blocks but the first, on a cached step;
-TaylorSeer predicts attention only, so its saving is below its cached share); wall-clock speed-up
+MagCache: every block; TaylorSeer predicts attention only, so its saving is below its cached share); wall-clock speed-up
 over uncached (median of --repeats); PSNR and max pixel error against the uncached images; the
 judge's colour+position accuracy, uncached first.
 
@@ -35,6 +35,9 @@ SETTINGS = [  # (label, backend, config)
     ("FBC 0.20", "first_block_cache", {"threshold": 0.20, "max_cached_steps": 5}),
     ("TaylorSeer 2", "taylorseer", {"cache_interval": 2}),
     ("TaylorSeer 3", "taylorseer", {"cache_interval": 3}),
+    ("MagCache 0.06", "magcache", {"threshold": 0.06}),
+    ("MagCache 0.12", "magcache", {"threshold": 0.12, "max_cached_steps": 4}),
+    ("MagCache 0.24", "magcache", {"threshold": 0.24, "max_cached_steps": 6}),
 ]
 
 
@@ -81,7 +84,7 @@ def main() -> None:
             if baseline is None:
                 baseline = (images, statistics.median(seconds))
             share = sum(cached) / (steps * len(images))
-            saved = share * (blocks - 1) / blocks if backend == "first_block_cache" else None
+            saved = {"first_block_cache": share * (blocks - 1) / blocks, "magcache": share}.get(backend)
             quality = [psnr(a, b) for a, b in zip(images, baseline[0])]
             print(f"| {label} | {share:.0%} | {'-' if saved is None else f'{saved:.0%}'} | "
                   f"{baseline[1] / statistics.median(seconds):.2f}x | {statistics.median(quality):.1f} | "

@@ -37,7 +37,7 @@ class EngineOptions:
     # admits 2048x2048 x 50 steps x 4 images (840) and refuses the schema's extreme (8389).
     max_megapixel_steps: float | None = 1000.0
     request_timeout_s: float | None = None  # seconds before a request fails RequestTimedOut (None: no limit)
-    cache_backend: str = "none"  # step caching: none, first_block_cache or taylorseer (configs/caching.py)
+    cache_backend: str = "none"  # step caching: none, first_block_cache, taylorseer, magcache (configs/caching.py)
     cache_config: dict = field(default_factory=dict)  # that backend's knobs, e.g. {"threshold": 0.1}
     # The online engine's queue (Omni runs the prompts of one call in order):
     max_queue_size: int = 64  # requests admitted at once (waiting or running); more get QueueFull (429)

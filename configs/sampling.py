@@ -61,7 +61,7 @@ class OmniDiffusionSamplingParams:
     strength: float | None = None  # image-to-image and inpainting: how far from the input (0-1)
     loras: list[LoraAdapter] | None = None  # LoRA adapters loaded on the engine, composed additively
     cache: str | None = None  # "off": no step caching for this request on a caching server ("on": as the server)
-    cache_threshold: float | None = None  # first_block_cache: this request's threshold instead of the server's
+    cache_threshold: float | None = None  # first_block_cache, magcache: this request's threshold, not the server's
 
     def overridden_by(self, other: "OmniDiffusionSamplingParams") -> "OmniDiffusionSamplingParams":
         """These values with every field `other` sets replaced."""

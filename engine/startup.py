@@ -11,6 +11,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from configs import DEFAULT_MODEL, EngineOptions, OmniDiffusionSamplingParams
+from configs.caching import CacheSettings
 from engine.errors import GenerationError, error_for
 from engine.intake.sampling import PromptInput, build_request
 from engine.loras import LoraRegistry
@@ -32,6 +33,11 @@ class EngineConfig(EngineOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         checked_offload(self.offload)
+        self.cache_settings  # magcache on a model whose ratios are not known: ValueError
+
+    @property
+    def cache_settings(self) -> CacheSettings:
+        return CacheSettings.of(self.cache_backend, self.cache_config, self.model)
 
 
 def start_group(config: EngineConfig, loras: LoraRegistry, restart: bool = False,

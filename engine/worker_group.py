@@ -103,7 +103,7 @@ class WorkerGroup:
                 for rank in range(self.spec.world_size):
                     process = self._context.Process(
                         target=run_worker,
-                        args=(rank, self.spec, self._channels),
+                        args=(rank, self.spec, self._channels, logging.getLogger().getEffectiveLevel()),
                         name=f"ditserve-rank{rank}",
                         daemon=True,
                     )

@@ -103,7 +103,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-config", default=None, metavar="JSON",
                         help='the backend\'s knobs, e.g. \'{"threshold": 0.1, "warmup_steps": 2, '
                              '"max_cached_steps": 3}\' (first_block_cache) or \'{"cache_interval": 3, '
-                             '"disable_cache_before_step": 2}\' (taylorseer)')
+                             '"disable_cache_before_step": 2}\' (taylorseer) or \'{"threshold": 0.06, '
+                             '"mag_ratios": [...]}\' (magcache; see docs/parallelism.md)')
     parser.add_argument("--default-sampling-params", dest="default_overrides", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,

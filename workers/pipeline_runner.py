@@ -131,17 +131,22 @@ class PipelineRunner:
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
                                                                    first.negative_prompt),
-                                  self.cache.for_request(first.sampling.cache, first.sampling.cache_threshold))
+                                  self.cache.for_request(first.sampling.cache, first.sampling.cache_threshold,
+                                                         first.sampling.num_inference_steps))
         pipeline = self.pipeline_for(first.pipeline)
         if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
         images = list(pipeline(**arguments, output_type="pil").images)
         inference_s = time.perf_counter() - started
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
-        cached_steps = self.dispatcher.executor.step_cache.cached_calls if self.dispatcher is not None else 0
+        step_cache = self.dispatcher.executor.step_cache if self.dispatcher is not None else None
+        cached_steps = step_cache.cached_calls if step_cache is not None else 0
         if cached_steps:
             logger.info("batch of %d image(s): %d of %d steps cached (%s)", len(images), cached_steps,
-                        first.sampling.num_inference_steps, self.dispatcher.executor.step_cache.settings.backend)
+                        first.sampling.num_inference_steps, step_cache.settings.backend)
+        if step_cache is not None and step_cache.settings.calibrate:
+            logger.info("magcache calibration at %d steps, pass as --cache-config '{\"mag_ratios\": %s}'",
+                        first.sampling.num_inference_steps, step_cache.calibration())
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt

@@ -55,10 +55,13 @@ logger = logging.getLogger(__name__)
 _POLL_S = 1.0
 
 
-def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels) -> None:
-    """Process target (started by the fork server): report ready or the startup error, then serve until told to stop."""
+def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: int = logging.WARNING) -> None:
+    """Process target (started by the fork server): report ready or the startup error, then serve until
+    told to stop. Rank 0 logs at the engine's level; the others, which repeat its work, warnings only."""
     events = channels.events
     started = time.perf_counter()
+    logging.basicConfig(level=log_level if rank == 0 else max(log_level, logging.WARNING),
+                        format=f"%(asctime)s %(levelname)s %(name)s (rank {rank}): %(message)s")
     _take_signals_from_the_engine()
     testing_hooks.shrink_edit_conditions()
     try:

@@ -32,11 +32,10 @@ from configs import CacheSettings
 from configs.families import CfgParallelPlan, SequenceParallelPlan
 from workers import testing_hooks
 from workers.parallel import forward_broadcast, parallel_state, sequence_parallel
-from workers.parallel.step_cache import StepCache
+from workers.parallel.step_cache import ROWS, StepCache
 
 logger = logging.getLogger(__name__)
 
-ROWS = "rows"  # a call whose rows hold both guidance branches (or the only one)
 
 Call = tuple[tuple, dict]
 
