@@ -39,6 +39,12 @@ class EngineOptions:
     request_timeout_s: float | None = None  # seconds before a request fails RequestTimedOut (None: no limit)
     cache_backend: str = "none"  # step caching: none, first_block_cache, taylorseer, magcache (configs/caching.py)
     cache_config: dict = field(default_factory=dict)  # that backend's knobs, e.g. {"threshold": 0.1}
+    # The text encoders' outputs kept for prompts seen before (workers/prompt_cache.py), on the
+    # driver rank's device; 0 turns it off. 256 MiB holds ~350 Qwen-Image prompts (3584 x ~100 bf16).
+    prompt_cache_bytes: int = 256 * 2**20
+    # Finished images kept to answer an identical request that names its seed (engine.outputs
+    # .ResultCache; 0 turns it off). 256 MiB holds ~85 RGB images of 1024x1024.
+    result_cache_bytes: int = 256 * 2**20
     # The online engine's queue (Omni runs the prompts of one call in order):
     max_queue_size: int = 64  # requests admitted at once (waiting or running); more get QueueFull (429)
     max_batch_size: int = 8  # images per pipeline call
@@ -57,6 +63,9 @@ class EngineOptions:
         for name in ("request_timeout_s", "max_megapixel_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive (or None: no limit)")
+        for name in ("prompt_cache_bytes", "result_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 0 (0: no cache)")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
         CacheSettings.of(self.cache_backend, self.cache_config)  # an unknown backend or knob: ValueError

@@ -22,11 +22,11 @@ from engine.intake.sampling import PromptInput, build_request
 from engine.loras import LoraRegistry
 from engine.metrics import Metrics
 from engine.models.resolver import ResolvedModel
-from engine.outputs import OmniRequestOutput, PartialImage, output_from_result
+from engine.outputs import OmniRequestOutput, PartialImage, ResultCache, output_from_result
 from engine.scheduler import Pending, Scheduler
 from engine.startup import EngineConfig, start_group
 from engine.worker_group import WorkerGroup
-from workers import AdapterInfo
+from workers import AdapterInfo, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class AsyncEngine:
         self.model: ResolvedModel | None = None
         self.loras = LoraRegistry(config.max_loras, reserved_names={config.model})
         self.scheduler = Scheduler(config.max_batch_size, self.metrics)
+        self.results = ResultCache(config.result_cache_bytes)
         self._fatal: str | None = None  # why loading or a restart failed
         self._group: WorkerGroup | None = None
         self._lock = threading.Lock()
@@ -149,11 +150,19 @@ class AsyncEngine:
                                 self.config.cache_settings)
         for warning in request.warnings:
             logger.warning("request %s: %s", request.request_id, warning)
+        repeat_key = self.results.key(request, seeded=params.seed is not None)
+        repeated = self.results.get(repeat_key)
+        if repeated is not None:  # costs the ranks nothing, so a full queue does not refuse it
+            self.metrics.result_cache_hits.inc()
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(repeated)
+            now = time.perf_counter()
+            return Pending(request, future, now, started=now, repeated=True)
         admitted = self.scheduler.admitted
         if admitted >= self.config.max_queue_size:
             raise QueueFull(f"{admitted} requests are already admitted (max_queue_size={self.config.max_queue_size})")
         pending = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter(),
-                          on_partial=on_partial)
+                          on_partial=on_partial, repeat_key=repeat_key)
         self.scheduler.add(pending)
         return pending
 
@@ -168,19 +177,23 @@ class AsyncEngine:
             raise RequestTimedOut(
                 f"the request did not finish within the request timeout ({self.config.request_timeout_s:g} s)"
             ) from None
-        request = pending.request
-        return output_from_result(request, result, pending.submitted, queue_s=pending.started - pending.submitted)
+        if isinstance(result, GenerationResult) and not pending.repeated:
+            self.results.put(pending.repeat_key, result)
+        return output_from_result(pending.request, result, pending.submitted,
+                                  queue_s=pending.started - pending.submitted, repeated=pending.repeated)
 
     async def load_lora(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter on every rank (after the batch that runs now); LoraLoadError says why not."""
         if not self.healthy:
             raise EngineNotReady(self.failure)
+        self.results.clear()  # the name may now stand for other weights
         return await asyncio.to_thread(self.loras.load, self._group, name, path)
 
     async def unload_lora(self, name: str) -> None:
         """Requests already admitted with this adapter fail; later ones are refused (404)."""
         if not self.healthy:
             raise EngineNotReady(self.failure)
+        self.results.clear()
         await asyncio.to_thread(self.loras.unload, self._group, name)
 
     def cancel(self, pending: Pending) -> None:

@@ -29,6 +29,10 @@ class Metrics:
                                       buckets=_STEP_BUCKETS, registry=r)
         self.steps_cached = Counter("ditserve_steps_cached", "Denoising steps whose DiT blocks were skipped or "
                                     "predicted (step caching)", registry=r)
+        self.prompt_cache_hits = Counter("ditserve_prompt_cache_hits", "Text-encoder calls answered from the "
+                                         "prompt-embedding cache", registry=r)
+        self.result_cache_hits = Counter("ditserve_result_cache_hits", "Requests answered from the result cache "
+                                         "(an identical earlier request with a seed)", registry=r)
         self.cancelled = Counter("ditserve_requests_cancelled", "Requests stopped by disconnect or timeout", registry=r)
         self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)
         self.parallel_size = Gauge("ditserve_parallel_size", "Ranks along each axis of the parallel layout "

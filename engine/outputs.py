@@ -1,14 +1,19 @@
-"""What a finished request gives back to callers of Omni and AsyncEngine."""
+"""What a finished request gives back to callers of Omni and AsyncEngine, and the finished results
+the online engine keeps to answer exact repeats."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from engine.errors import error_for
 from workers import GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
+from workers.prompt_cache import image_digest
 
 
 @dataclass
@@ -39,16 +44,22 @@ class PartialImage:
 
 
 def output_from_result(
-    request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0
+    request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0,
+    repeated: bool = False,
 ) -> OmniRequestOutput:
-    """The output for `request`, or raise the error its failure stands for."""
+    """The output for `request`, or raise the error its failure stands for. `repeated`: `result` is
+    an earlier identical request's, from the result cache."""
     if isinstance(result, GenerationFailure):
         raise error_for(result)
     timings = {"total_s": time.perf_counter() - submitted, "inference_s": result.inference_s, "queue_s": queue_s}
-    if result.step_s:
+    if repeated:
+        timings.update(inference_s=0.0, result_cache_hit=1)
+    if result.step_s and not repeated:
         timings["step_s"] = sum(result.step_s) / len(result.step_s)
     if request.sampling.cache == "on":
         timings["cached_steps"] = result.cached_steps
+    if result.prompt_cache_hits:
+        timings["prompt_cache_hits"] = result.prompt_cache_hits
     return OmniRequestOutput(
         request_id=request.request_id,
         prompt=request.prompt,
@@ -60,3 +71,45 @@ def output_from_result(
         timings=timings,
         warnings=list(request.warnings),
     )
+
+
+class ResultCache:
+    """Finished results of requests that name their seed, keyed by everything that decides their
+    images, so an identical request (an OpenAI client retrying after a timeout sends the same body)
+    is answered without the ranks. Least recently used first out, bounded by the images' bytes. A
+    request without a seed asks for a new picture and is never answered from here; neither is a
+    streaming one (it expects previews)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[GenerationResult, int]] = OrderedDict()
+        self._bytes = 0
+
+    def key(self, request: GenerationRequest, seeded: bool) -> Hashable | None:
+        """None where the request may not be answered from the cache."""
+        if self.max_bytes <= 0 or not seeded or request.sampling.partial_images:
+            return None
+        return (request.prompt, request.negative_prompt, request.seed, request.sampling, request.pipeline,
+                request.loras, tuple(image_digest(image) for image in request.images),
+                None if request.mask is None else image_digest(request.mask))
+
+    def get(self, key: Hashable | None) -> GenerationResult | None:
+        if key is None or key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def put(self, key: Hashable | None, result: GenerationResult) -> None:
+        size = sum(image.width * image.height * len(image.getbands()) for image in result.images)
+        if key is None or size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = (dataclasses.replace(result, step_s=[]), size)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
+
+    def clear(self) -> None:
+        """After an adapter is loaded or unloaded: a name may now stand for other weights."""
+        self._entries.clear()
+        self._bytes = 0

@@ -129,6 +129,7 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         max_lora_rank=options.max_lora_rank,
         offload=offload,
         cache=options.cache_settings,
+        prompt_cache_bytes=options.prompt_cache_bytes,
     )
 
 

@@ -46,6 +46,8 @@ class Pending:
     started: float | None = None
     on_partial: Callable[[PartialImage], None] | None = None
     alone: bool = False  # runs in a batch of its own: its shared batch failed (see `Scheduler._retry_alone`)
+    repeat_key: Hashable | None = None  # where its result goes in the result cache (engine.outputs.ResultCache)
+    repeated: bool = False  # answered from the result cache: never queued
 
 
 def batch_key(request: GenerationRequest) -> Hashable:
@@ -169,6 +171,7 @@ class Scheduler:
                 self.metrics.step_seconds.observe(seconds)
             self.metrics.images.inc(sum(len(r.images) for r in done))
             self.metrics.steps_cached.inc(sum(r.cached_steps for r in done))
+            self.metrics.prompt_cache_hits.inc(done[0].prompt_cache_hits)  # the batch's, on each of its results
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop,

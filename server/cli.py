@@ -105,6 +105,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
                              '"max_cached_steps": 3}\' (first_block_cache) or \'{"cache_interval": 3, '
                              '"disable_cache_before_step": 2}\' (taylorseer) or \'{"threshold": 0.06, '
                              '"mag_ratios": [...]}\' (magcache; see docs/parallelism.md)')
+    parser.add_argument("--prompt-cache-bytes", type=int, default=ENGINE.prompt_cache_bytes, metavar="BYTES",
+                        help="text-encoder outputs kept for prompts seen before, least recently used out "
+                             f"(default {ENGINE.prompt_cache_bytes // 2**20} MiB; 0: off)")
+    parser.add_argument("--result-cache-bytes", type=int, default=ENGINE.result_cache_bytes, metavar="BYTES",
+                        help="finished images kept to answer an identical request that names its seed "
+                             f"(default {ENGINE.result_cache_bytes // 2**20} MiB)")
+    parser.add_argument("--no-result-cache", dest="result_cache_bytes", action="store_const", const=0,
+                        help="answer every request by generating (same as --result-cache-bytes 0)")
     parser.add_argument("--default-sampling-params", dest="default_overrides", default=None, metavar="JSON",
                         help='defaults over the family\'s, e.g. \'{"num_inference_steps": 4}\'')
     parser.add_argument("--max-upload-bytes", type=int, default=20 * 2**20,

@@ -231,9 +231,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, log_path: Path) -> "ServerProcess":
+        """Without the result cache unless `args` size it: a test that sends one request twice
+        means to measure the ranks (tests/server/test_step_cache_http.py tests the cache)."""
         self.log_path = log_path
+        no_result_cache = [] if "--result-cache-bytes" in self.args else ["--no-result-cache"]
         self.process = subprocess.Popen(
-            [SERVE, *self.args, "--port", str(self.port)],
+            [SERVE, *self.args, *no_result_cache, "--port", str(self.port)],
             stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **self.env},
         )

@@ -76,6 +76,7 @@ class WorkerSpec:
     max_lora_rank: int = EngineOptions.max_lora_rank
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
     cache: CacheSettings = CacheSettings()  # the server's step caching (a request may turn it off)
+    prompt_cache_bytes: int = EngineOptions.prompt_cache_bytes  # the driver's prompt-embedding cache
 
     @property
     def world_size(self) -> int:
@@ -163,6 +164,7 @@ class GenerationResult:
     step_s: list[float]  # duration of each denoising step after the first
     batch_images: int  # images in the pipeline call this request was part of
     cached_steps: int = 0  # steps whose (conditional) DiT call skipped its blocks (workers/step_cache.py)
+    prompt_cache_hits: int = 0  # the batch's text-encoder calls answered from memory (workers/prompt_cache.py)
 
 
 @dataclass

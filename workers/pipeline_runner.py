@@ -17,6 +17,7 @@ from workers.lora.adapter_library import AdapterLibrary
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
 from workers.parallel.cfg_parallel import CfgDispatcher
 from workers.partial_previews import PreviewDecoder, preview_steps
+from workers.prompt_cache import PromptCache
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class PipelineRunner:
 
     def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None,
                  family: FamilyConfig | None = None, adapters: AdapterLibrary | None = None,
-                 cache: CacheSettings = CacheSettings()):
+                 cache: CacheSettings = CacheSettings(), prompt_cache: PromptCache | None = None):
         self.pipeline = pipeline
         self.cache = cache  # the server's step caching; each batch's requests may turn it off
+        self.prompt_cache = prompt_cache or PromptCache(0)
+        self.prompt_cache.install(pipeline, "main")
         self.dispatcher = dispatcher
         self.adapters = adapters
         self.previews = PreviewDecoder(pipeline, family.preview if family else PreviewPlan())
@@ -67,6 +70,7 @@ class PipelineRunner:
         if name not in self._pipelines:
             pipeline = getattr(diffusers, self._edit_classes[name]).from_pipe(self.pipeline)
             pipeline.set_progress_bar_config(disable=True)
+            self.prompt_cache.install(pipeline, name)
             self._pipelines[name] = pipeline
             self._accepted[name] = set(inspect.signature(pipeline.__call__).parameters)
         return self._pipelines[name]
@@ -128,6 +132,8 @@ class PipelineRunner:
         first = batch.requests[0]
         if self.adapters is not None:  # a batch's requests share their adapters (engine.scheduler.batch_key)
             self.adapters.activate(first.loras)
+        self.prompt_cache.adapters = first.loras
+        self.prompt_cache.take_hits()
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
                                                                    first.negative_prompt),
@@ -147,6 +153,7 @@ class PipelineRunner:
         if step_cache is not None and step_cache.settings.calibrate:
             logger.info("magcache calibration at %d steps, pass as --cache-config '{\"mag_ratios\": %s}'",
                         first.sampling.num_inference_steps, step_cache.calibration())
+        prompt_cache_hits = self.prompt_cache.take_hits()
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt
@@ -158,6 +165,7 @@ class PipelineRunner:
                 step_s=step_s,
                 batch_images=len(images),
                 cached_steps=cached_steps,
+                prompt_cache_hits=prompt_cache_hits,
             ))
             offset += count
         return results

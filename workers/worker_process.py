@@ -49,6 +49,7 @@ from workers.parallel.sharded_loading import (
     unsharded_models,
 )
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
+from workers.prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
             store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
             adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
                                       broadcast=spec.world_size > 1)
-            runner = PipelineRunner(pipeline, dispatcher, family, adapters, spec.cache)
+            runner = PipelineRunner(pipeline, dispatcher, family, adapters, spec.cache,
+                                    PromptCache(spec.prompt_cache_bytes))
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
@@ -229,6 +231,7 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
         if isinstance(batch, AdapterCommand):
             forward_broadcast.ring(channels.doorbells)
             done = _adapter_command(runner.adapters, batch)
+            runner.prompt_cache.clear()  # an adapter may change what a text encoder gives
             fault = forward_broadcast.end_batch()
             if fault is not None and done.error is None:
                 done = AdapterCommandDone(batch.request_id, error=fault, error_code="lora_load_failed")

@@ -157,6 +157,8 @@ def _log_outputs(log: RequestLog, outputs: list[OmniRequestOutput]) -> None:
             seed=first.seed)
     if "cached_steps" in first.timings:
         log.add(cached_steps=first.timings["cached_steps"])
+    if "result_cache_hit" in first.timings:
+        log.add(result_cache="hit")
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -68,12 +68,13 @@ async def started_engine(**config) -> AsyncEngine:
     return engine
 
 
-async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]]):
-    """Images of the prompts run concurrently (one batch) and then one by one, with batch sizes."""
-    engine = await started_engine(model=model, max_batch_size=8, warm_up=False)
+async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]], steps: int = 2, **config):
+    """Images of the prompts run concurrently (one batch where they may share one) and then one by
+    one. The result cache is off: the second run must run."""
+    engine = await started_engine(model=model, max_batch_size=8, warm_up=False, result_cache_bytes=0, **config)
     try:
         def params(seed):
-            return OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64, seed=seed)
+            return OmniDiffusionSamplingParams(num_inference_steps=steps, height=64, width=64, seed=seed)
 
         together = await asyncio.gather(*(
             engine.generate(PromptInput(prompt, negative), params(seed)) for prompt, negative, seed in prompts))
@@ -95,6 +96,18 @@ def test_a_batched_request_gets_exactly_its_own_image(family):
         assert batched.prompt == prompt and batched.seed == seed
         assert max_pixel_difference(batched.images[0], single.images[0]) <= 1
     assert max_pixel_difference(together[0].images[0], together[1].images[0]) > 10
+
+
+def test_a_caching_request_keeps_its_picture_and_cached_steps_whoever_else_waits():
+    prompts = [("a red fox", None, 10), ("sky", None, 11), ("a green frog on a leaf", None, 12), ("a whale", None, 13)]
+    # every call may skip after two computed ones, three in a row at most: 3 of 5 steps cached
+    together, alone = asyncio.run(_batched_then_alone(
+        "tiny/z-image", prompts, steps=5, cache_backend="first_block_cache",
+        cache_config={"threshold": 10.0, "warmup_steps": 2, "max_cached_steps": 3}))
+    assert [o.batch_images for o in together + alone] == [1] * 8  # a skip decision is one per call
+    for batched, single in zip(together, alone):
+        assert batched.timings["cached_steps"] == single.timings["cached_steps"] == 3
+        assert max_pixel_difference(batched.images[0], single.images[0]) <= 1
 
 
 # The slow request is held inside its first step (a test hook, released by the test) until its

@@ -36,9 +36,13 @@ def test_offloaded_text_encoder_shards_and_vae_give_the_same_image(tiny_dir):
     assert max_pixel_difference(image, reference_image(tiny_dir("z-image"), "z-image", 64, 96)) <= 1
 
 
-def test_text_encoders_are_sharded_and_the_vae_lives_on_the_driver_only():
+def test_text_encoders_are_sharded_and_a_repeated_prompt_skips_them_on_every_rank():
     with Omni(model="tiny/flux", parallel_config=tp(2)) as omni:
         driver, follower = omni.rank_parameter_bytes()
+        first, again, other = (omni.generate(prompt, PARAMS)[0] for prompt in ("a cat", "a cat", "a dog"))
+    assert "prompt_cache_hits" not in first.timings and again.timings["prompt_cache_hits"] == 1
+    assert "prompt_cache_hits" not in other.timings
+    assert max_pixel_difference(again.images[0], first.images[0]) == 0
     assert set(follower) == {"transformer", "text_encoder", "text_encoder_2"}
     assert {"text_encoder", "text_encoder_2", "vae", "transformer"} <= set(driver) and driver["vae"] > 0
     for name in ("transformer", "text_encoder", "text_encoder_2"):

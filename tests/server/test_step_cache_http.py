@@ -17,7 +17,8 @@ BODY = {"seed": 5, "num_inference_steps": 7}
 @pytest.fixture(scope="module")
 def caching_server(tmp_path_factory):
     yield from served(tmp_path_factory, "caching", "tiny/z-image", "--cache-backend", "first_block_cache",
-                      "--cache-config", json.dumps({"threshold": 10.0, "warmup_steps": 2, "max_cached_steps": 3}))
+                      "--cache-config", json.dumps({"threshold": 10.0, "warmup_steps": 2, "max_cached_steps": 3}),
+                      "--result-cache-bytes", str(2**20))
 
 
 def test_a_caching_server_skips_steps_and_cache_off_gives_the_plain_picture(caching_server: ServerProcess,
@@ -31,6 +32,11 @@ def test_a_caching_server_skips_steps_and_cache_off_gives_the_plain_picture(cach
                  .data[0].b64_json)
     assert np.array_equal(off, plain) and not np.array_equal(cached, plain)
     assert caching_server.metric("ditserve_steps_cached_total") == before + 4
+    # the same body again (a client retrying) is answered from the result cache: no step runs
+    repeated = pixels(caching_server.client().images.generate(**REQUEST, extra_body=BODY).data[0].b64_json)
+    assert np.array_equal(repeated, cached) and caching_server.metric("ditserve_result_cache_hits_total") == 1
+    assert caching_server.metric("ditserve_steps_cached_total") == before + 4
+    assert "result_cache=hit" in caching_server.log()
 
 
 def test_a_threshold_override_is_checked(caching_server: ServerProcess):
