@@ -60,7 +60,9 @@ def test_requests_with_input_images_never_share_a_call():
 
 
 async def started_engine(**config) -> AsyncEngine:
-    engine = AsyncEngine(EngineConfig(**config))
+    """A loaded AsyncEngine without the result cache (unless `config` sizes it): a test that sends
+    one request twice means to run it twice (tests/engine/test_result_cache.py tests the cache)."""
+    engine = AsyncEngine(EngineConfig(**{"result_cache_bytes": 0, **config}))
     loaded = asyncio.Event()
     await engine.start(on_loaded=loaded.set)
     await loaded.wait()
@@ -69,9 +71,8 @@ async def started_engine(**config) -> AsyncEngine:
 
 
 async def _batched_then_alone(model: str, prompts: list[tuple[str, str | None, int]], steps: int = 2, **config):
-    """Images of the prompts run concurrently (one batch where they may share one) and then one by
-    one. The result cache is off: the second run must run."""
-    engine = await started_engine(model=model, max_batch_size=8, warm_up=False, result_cache_bytes=0, **config)
+    """Images of the prompts run concurrently (one batch where they may share one) and then one by one."""
+    engine = await started_engine(model=model, max_batch_size=8, warm_up=False, **config)
     try:
         def params(seed):
             return OmniDiffusionSamplingParams(num_inference_steps=steps, height=64, width=64, seed=seed)
