@@ -24,6 +24,12 @@ os.environ["DITSERVE_HOLD_DIR"] = HOLD_DIR
 # Qwen-Image-Edit conditions on its input at ~1 MP whatever the output size; the tiny models' edits
 # use 128x128 conditions instead, here (the diffusers references) and in every rank.
 os.environ["DITSERVE_EDIT_CONDITION_AREA"] = str(128 * 128)
+# Under pytest-xdist every worker gets its share of the cores: its ranks (engine.host.usable_cores
+# reads the variable) and torch here. Without it two workers each run 2-thread ranks on 2 cores,
+# and the threads spin waiting for cores the other worker holds.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 import pytest  # noqa: E402
 
