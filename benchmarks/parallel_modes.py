@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is the repository's, not installed
 
-from configs import load_family
+from configs import CacheSettings, load_family
 from tests.helpers import rank_context, run_ranks
 from workers import RankLayout
 from workers.parallel import forward_broadcast, parallel_state
@@ -81,7 +81,7 @@ def step_calls(family: str) -> list[tuple[tuple, dict]]:
 
 
 def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLayout, threads: int, directory: Path,
-             steps: int, doorbells, results) -> None:
+             steps: int, doorbells, cache: CacheSettings, results) -> None:
     torch.set_num_threads(threads)
     parallel_state.initialize(rank, layout, "cpu", port)
     config = load_family(family)
@@ -95,8 +95,8 @@ def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLay
         return
     dispatcher = install_dispatcher("transformer", dit, executor, config.cfg_parallel)
     calls = step_calls(family)
-    dispatcher.begin(pairs=len(calls) == 2)
-    forward_broadcast.ring(doorbells)
+    forward_broadcast.ring(doorbells)  # the followers listen from here on: begin sends them the cache settings
+    dispatcher.begin(pairs=len(calls) == 2, cache=cache)
     with torch.inference_mode():
         for step in range(steps + 1):
             if step == 1:  # the first step warms up
@@ -110,15 +110,17 @@ def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLay
     assert outputs
     if layout.world_size > 1:
         forward_broadcast.send(forward_broadcast.STOP)
-    results.put((rank, elapsed, counters))
+    results.put((rank, elapsed, counters, executor.step_cache.cached_calls))
     parallel_state.shutdown()
 
 
-def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int) -> tuple[float, dict]:
+def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int,
+            cache: CacheSettings = CacheSettings()) -> tuple[float, dict, int]:
+    """Seconds per step after the first, rank 0's collectives per step, and its cached DiT calls."""
     doorbells = [rank_context().Queue() for _ in range(layout.world_size - 1)]
-    [(_, elapsed, counters)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory, steps,
-                                         doorbells, timeout_s=1800, reports=1)
-    return elapsed, counters
+    [(_, elapsed, counters, cached)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory,
+                                                 steps, doorbells, cache, timeout_s=1800, reports=1)
+    return elapsed, counters, cached
 
 
 def main() -> None:
@@ -135,7 +137,7 @@ def main() -> None:
             print(f"{'layout':<18}{'s/step':>8}{'speed-up':>10}  collectives per step (calls, MiB sent by rank 0)")
             baseline = None
             for label, layout, threads in layouts:
-                seconds, counters = measure(family, layout, threads, directory, args.steps)
+                seconds, counters, _ = measure(family, layout, threads, directory, args.steps)
                 baseline = baseline or seconds
                 traffic = ", ".join(f"{name} {calls:.0f} ({sent / 2**20:.1f})"
                                     for name, (calls, sent) in sorted(counters.items())) or "-"
