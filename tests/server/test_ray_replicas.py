@@ -42,6 +42,10 @@ def cluster(server: ServerProcess) -> dict[str, dict[str, float]]:
     return replicas
 
 
+def board_images(server: ServerProcess) -> float:
+    return sum(replica.get("images", 0) for replica in cluster(server).values())
+
+
 def replica_processes(server: ServerProcess) -> dict[str, tuple[int, list[int]]]:
     """replica -> (its actor's pid, its rank pids), from the replicas' log lines in serve's output."""
     log, actors, ranks = server.log(), {}, {}
@@ -54,8 +58,20 @@ def replica_processes(server: ServerProcess) -> dict[str, tuple[int, list[int]]]
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
-    yield from served(tmp_path_factory, "ray", "tiny/z-image", "--replicas", "2", "--cpus-per-replica", "1",
-                      "--max-queue-size", str(QUEUE), "--max-batch-size", "1")
+    """Both replicas answering: /health is 200 once Ray runs them, but the proxy's router may learn
+    of the second a little later, and a test that starts before would see every request go to one."""
+    servers = served(tmp_path_factory, "ray", "tiny/z-image", "--replicas", "2", "--cpus-per-replica", "1",
+                     "--max-queue-size", str(QUEUE), "--max-batch-size", "1")
+    server = next(servers)
+    answered: list[str] = []
+
+    def both_answered() -> bool:
+        answered.append(httpx.post(f"{server.url}/v1/images/generations", json=QUICK, timeout=120).headers[REPLICA])
+        return len(set(answered)) == 2
+    wait_until(both_answered, 180, "both replicas answering", poll_s=0)
+    wait_until(lambda: board_images(server) >= len(answered), 120, "the board shows them")
+    yield server
+    next(servers, None)
 
 
 def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replicas: ServerProcess, holds):
@@ -63,6 +79,7 @@ def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replica
     then answered by the idle one (the least loaded) while it stays held; once released, all are
     answered, each image equal to a single server's for its seed."""
     seeds = list(range(40, 48))
+    before = board_images(replicas)
     holds.arm(1)
 
     async def scenario() -> tuple[str, set, list[httpx.Response]]:
@@ -89,7 +106,7 @@ def test_concurrent_requests_use_both_replicas_and_match_a_single_server(replica
     # the idle replica answered while the other was held
     assert while_held and busy not in while_held, f"held: {busy}; answered while held: {while_held}; all: {routed}"
     # every replica reports to /metrics (per replica and in total), whichever replica answers
-    wait_until(lambda: sum(r["images"] for r in cluster(replicas).values()) >= 9, 120, "the board caught up")
+    wait_until(lambda: board_images(replicas) >= before + 9, 120, "the board caught up")
     text = httpx.get(f"{replicas.url}/metrics").text
     assert re.search(r"^ditserve_cluster_replicas 2\.0$", text, re.M)
     assert float(re.search(r"^ditserve_cluster_images_per_second (\S+)$", text, re.M).group(1)) > 0
