@@ -15,7 +15,8 @@ _KNOBS = {  # backend -> the --cache-config keys it reads
     "taylorseer": {"cache_interval", "disable_cache_before_step"},
     "magcache": {"threshold", "max_cached_steps", "retention_ratio", "mag_ratios", "calibrate"},
 }
-THRESHOLD_BACKENDS = ("first_block_cache", "magcache")  # the backends a request's cache_threshold tunes
+# the backends that skip whole blocks on a threshold, which a request's cache_threshold tunes
+BLOCK_SKIPPING_BACKENDS = ("first_block_cache", "magcache")
 _DEFAULTS = {"magcache": {"threshold": 0.06}}  # where a backend's default differs from the field's
 
 # MagCache's magnitude ratios (the mean ratio of each step's block-stack residual norm to the step
@@ -58,8 +59,7 @@ class CacheSettings:
     steps: int = 0  # the batch's step count (magcache stretches its ratios to it); 0: not known yet
 
     def __post_init__(self) -> None:
-        if self.backend not in CACHE_BACKENDS:
-            raise ValueError(f"cache backend {self.backend!r} is not known; use one of {', '.join(CACHE_BACKENDS)}")
+        _check_backend(self.backend)
         if not 0 < self.threshold <= 10:
             raise ValueError(f"cache threshold={self.threshold} must be above 0 and at most 10")
         for name in ("warmup_steps", "max_cached_steps", "cache_interval", "disable_cache_before_step"):
@@ -75,8 +75,7 @@ class CacheSettings:
         """From --cache-backend and --cache-config; keys the backend does not read are refused. With
         `model`, magcache without `mag_ratios` takes the model's known ratios or is refused."""
         config = config or {}
-        if backend not in CACHE_BACKENDS:
-            raise ValueError(f"cache backend {backend!r} is not known; use one of {', '.join(CACHE_BACKENDS)}")
+        _check_backend(backend)
         unknown = set(config) - _KNOBS[backend]
         if unknown:
             raise ValueError(f"--cache-config keys {sorted(unknown)} do not apply to {backend}; it reads "
@@ -103,3 +102,8 @@ class CacheSettings:
         if cache == "off" or not self.active:
             return CacheSettings()
         return dataclasses.replace(self, threshold=self.threshold if threshold is None else threshold, steps=steps)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in CACHE_BACKENDS:
+        raise ValueError(f"cache backend {backend!r} is not known; use one of {', '.join(CACHE_BACKENDS)}")

@@ -3,9 +3,7 @@ the online engine keeps to answer exact repeats."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -13,7 +11,7 @@ from PIL import Image
 
 from engine.errors import error_for
 from workers import GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
-from workers.prompt_cache import image_digest
+from workers.prompt_cache import BytesLru, image_digest
 
 
 @dataclass
@@ -81,35 +79,24 @@ class ResultCache:
     streaming one (it expects previews)."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[GenerationResult, int]] = OrderedDict()
-        self._bytes = 0
+        self._store = BytesLru(max_bytes)
 
     def key(self, request: GenerationRequest, seeded: bool) -> Hashable | None:
         """None where the request may not be answered from the cache."""
-        if self.max_bytes <= 0 or not seeded or request.sampling.partial_images:
+        if self._store.max_bytes <= 0 or not seeded or request.sampling.partial_images:
             return None
         return (request.prompt, request.negative_prompt, request.seed, request.sampling, request.pipeline,
                 request.loras, tuple(image_digest(image) for image in request.images),
                 None if request.mask is None else image_digest(request.mask))
 
     def get(self, key: Hashable | None) -> GenerationResult | None:
-        if key is None or key not in self._entries:
-            return None
-        self._entries.move_to_end(key)
-        return self._entries[key][0]
+        return None if key is None else self._store.get(key)
 
     def put(self, key: Hashable | None, result: GenerationResult) -> None:
-        size = sum(image.width * image.height * len(image.getbands()) for image in result.images)
-        if key is None or size > self.max_bytes or key in self._entries:
-            return
-        self._entries[key] = (dataclasses.replace(result, step_s=[]), size)
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self._bytes -= dropped
+        if key is not None:
+            self._store.put(key, result, sum(image.width * image.height * len(image.getbands())
+                                             for image in result.images))
 
     def clear(self) -> None:
         """After an adapter is loaded or unloaded: a name may now stand for other weights."""
-        self._entries.clear()
-        self._bytes = 0
+        self._store.clear()

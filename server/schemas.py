@@ -73,8 +73,8 @@ class ImageRequest(BaseModel):
                                             "additively (after the one `model` names)")
     cache: Literal["on", "off"] | None = Field(None, description="off: no step caching for this request on a "
                                                "server started with --cache-backend (the exact picture)")
-    cache_threshold: float | None = Field(None, gt=0, le=10, description="first_block_cache: this request's "
-                                          "threshold instead of the server's")
+    cache_threshold: float | None = Field(None, gt=0, le=10, description="first_block_cache, magcache: this "
+                                          "request's threshold instead of the server's")
 
     @field_validator("loras", mode="before")
     @classmethod

@@ -132,8 +132,7 @@ class PipelineRunner:
         first = batch.requests[0]
         if self.adapters is not None:  # a batch's requests share their adapters (engine.scheduler.batch_key)
             self.adapters.activate(first.loras)
-        self.prompt_cache.adapters = first.loras
-        self.prompt_cache.take_hits()
+        self.prompt_cache.begin(first.loras)
         if self.dispatcher is not None:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
                                                                    first.negative_prompt),
@@ -153,7 +152,6 @@ class PipelineRunner:
         if step_cache is not None and step_cache.settings.calibrate:
             logger.info("magcache calibration at %d steps, pass as --cache-config '{\"mag_ratios\": %s}'",
                         first.sampling.num_inference_steps, step_cache.calibration())
-        prompt_cache_hits = self.prompt_cache.take_hits()
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt
@@ -165,7 +163,7 @@ class PipelineRunner:
                 step_s=step_s,
                 batch_images=len(images),
                 cached_steps=cached_steps,
-                prompt_cache_hits=prompt_cache_hits,
+                prompt_cache_hits=self.prompt_cache.hits,
             ))
             offset += count
         return results

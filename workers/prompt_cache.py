@@ -16,6 +16,7 @@ import functools
 import hashlib
 import inspect
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -26,17 +27,50 @@ class _Uncacheable(Exception):
     """An argument the key cannot hold (embeddings passed in, an unknown type): call through."""
 
 
+class BytesLru:
+    """A map bounded by the bytes of its values, least recently used out first; a value larger than
+    the bound is not kept. The prompt cache's and the engine's result cache's store."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes_held = 0
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any | None:
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def put(self, key: Hashable, value: Any, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self.bytes_held -= self._entries.pop(key)[1]
+        self._entries[key] = (value, size)
+        self.bytes_held += size
+        while self.bytes_held > self.max_bytes:
+            self.bytes_held -= self._entries.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes_held = 0
+
+
 class PromptCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.adapters: tuple = ()  # the running batch's adapters, part of every key
-        self.hits = 0  # calls answered from memory since the last `take_hits`
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
+        self.hits = 0  # calls answered from memory since the batch began
+        self._adapters: tuple = ()  # the running batch's adapters, part of every key
+        self._store = BytesLru(max_bytes)
 
     @property
     def bytes_held(self) -> int:
-        return self._bytes
+        return self._store.bytes_held
+
+    def begin(self, adapters: tuple) -> None:
+        """Before each batch: its adapters, and no hits counted yet."""
+        self._adapters, self.hits = adapters, 0
 
     def install(self, pipeline: Any, name: str) -> None:
         """Answer `pipeline.encode_prompt` from the cache (a no-op with max_bytes 0)."""
@@ -55,13 +89,8 @@ class PromptCache:
 
         pipeline.encode_prompt = cached_encode
 
-    def take_hits(self) -> int:
-        hits, self.hits = self.hits, 0
-        return hits
-
     def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        self._store.clear()
 
     def _key(self, name: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple:
         bound = signature.bind(*args, **kwargs)
@@ -69,21 +98,15 @@ class PromptCache:
         for argument, value in bound.arguments.items():
             if "embeds" in argument and value is not None:
                 raise _Uncacheable(argument)
-        return name, self.adapters, tuple((argument, _hashable(value)) for argument, value in bound.arguments.items())
+        return name, self._adapters, tuple((argument, _hashable(value)) for argument, value in bound.arguments.items())
 
     def _lookup(self, key: tuple, encode) -> Any:
-        if key in self._entries:
-            self._entries.move_to_end(key)
+        cached = self._store.get(key)
+        if cached is not None:
             self.hits += 1
-            return _copied(self._entries[key][0])
+            return _copied(cached)
         output = encode()
-        size = _tensor_bytes(output)
-        if size <= self.max_bytes:
-            self._entries[key] = (_copied(output), size)
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
+        self._store.put(key, _copied(output), _tensor_bytes(output))
         return output
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from configs import MAX_SEED, CacheSettings, OmniDiffusionSamplingParams, SamplingParams, SamplingValueError
-from configs.caching import THRESHOLD_BACKENDS
+from configs.caching import BLOCK_SKIPPING_BACKENDS
 from engine.errors import InvalidRequestError
 from engine.intake.masks import inpainting_mask
 from engine.intake.prompt_text import max_text_tokens, prompt_tokens
@@ -122,8 +122,8 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
 
 def _with_cache(sampling: SamplingParams, cache: CacheSettings) -> SamplingParams:
     """`cache` stays "on" only where the server caches, so equal requests batch on any server."""
-    if sampling.cache_threshold is not None and cache.backend not in THRESHOLD_BACKENDS:
-        raise InvalidRequestError(f"cache_threshold applies to {' and '.join(THRESHOLD_BACKENDS)}; this server's "
+    if sampling.cache_threshold is not None and cache.backend not in BLOCK_SKIPPING_BACKENDS:
+        raise InvalidRequestError(f"cache_threshold applies to {' and '.join(BLOCK_SKIPPING_BACKENDS)}; this server's "
                                   f"step cache is {cache.backend}", "cache_threshold")
     if not cache.active:
         return dataclasses.replace(sampling, cache="off", cache_threshold=None)

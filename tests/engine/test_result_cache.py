@@ -7,8 +7,9 @@ import asyncio
 
 from PIL import ImageChops
 
-from engine import AsyncEngine, EngineConfig, OmniDiffusionSamplingParams, PromptInput
+from engine import EngineConfig, OmniDiffusionSamplingParams, PromptInput
 from server.cli import build_serve_parser
+from tests.engine.test_batching import started_engine
 
 
 def params(**values) -> OmniDiffusionSamplingParams:
@@ -16,10 +17,8 @@ def params(**values) -> OmniDiffusionSamplingParams:
 
 
 async def _requests():
-    engine = AsyncEngine(EngineConfig(model="tiny/z-image", warm_up=False))
-    loaded = asyncio.Event()
-    await engine.start(on_loaded=loaded.set)
-    await loaded.wait()
+    engine = await started_engine(model="tiny/z-image", warm_up=False,
+                                  result_cache_bytes=EngineConfig().result_cache_bytes)  # the default
     try:
         def count(name: str) -> float:
             return engine.metrics.registry.get_sample_value(f"ditserve_{name}_total")

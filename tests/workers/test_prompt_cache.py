@@ -54,15 +54,16 @@ def test_a_repeated_call_is_answered_from_memory_with_the_fresh_encoding(family)
     first = pipeline.encode_prompt(**ENCODES[family])
     encoder_calls = calls[0]
     again = pipeline.encode_prompt(**ENCODES[family])
-    assert encoder_calls > 0 and calls[0] == encoder_calls and cache.take_hits() == 1
+    assert encoder_calls > 0 and calls[0] == encoder_calls and cache.hits == 1
     for output in (first, again):
         expected, got = tensors_of(fresh), tensors_of(output)
         assert len(got) == len(expected) > 0 and all(torch.equal(a, b) for a, b in zip(got, expected))
     assert all(a is not b for a, b in zip(tensors_of(first), tensors_of(again)))  # each caller gets its own
     pipeline.encode_prompt(**{**ENCODES[family], "max_sequence_length": 16})  # another call: encoded
-    cache.adapters = (("style", 1.0),)
-    pipeline.encode_prompt(**ENCODES[family])  # other adapters: encoded
-    assert calls[0] == 3 * encoder_calls and cache.take_hits() == 0
+    assert calls[0] == 2 * encoder_calls and cache.hits == 1
+    cache.begin(adapters=(("style", 1.0),))  # a batch with other adapters: encoded
+    pipeline.encode_prompt(**ENCODES[family])
+    assert calls[0] == 3 * encoder_calls and cache.hits == 0
 
 
 def test_least_recently_used_entries_leave_first_within_the_byte_bound():
@@ -73,11 +74,11 @@ def test_least_recently_used_entries_leave_first_within_the_byte_bound():
     calls = counted_encoder_calls(pipeline)
     for prompt in ("a red fox", "a blue bird", "a red fox", "a green frog"):  # the fox was used last: the bird goes
         pipeline.encode_prompt(**{**ENCODES["qwen-image"], "prompt": prompt})
-    assert cache.bytes_held <= 2 * one_entry and cache.take_hits() == 1
+    assert cache.bytes_held <= 2 * one_entry and cache.hits == 1
     pipeline.encode_prompt(**{**ENCODES["qwen-image"], "prompt": "a red fox"})
-    assert cache.take_hits() == 1 and calls[0] == 3
+    assert cache.hits == 2 and calls[0] == 3
     pipeline.encode_prompt(**{**ENCODES["qwen-image"], "prompt": "a blue bird"})
-    assert cache.take_hits() == 0 and calls[0] == 4
+    assert cache.hits == 2 and calls[0] == 4
     passed_in = pipeline.encode_prompt(prompt=None, prompt_embeds=torch.ones(1, 3, 8),
                                        prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long))
-    assert torch.equal(passed_in[0], torch.ones(1, 3, 8)) and cache.take_hits() == 0
+    assert torch.equal(passed_in[0], torch.ones(1, 3, 8)) and cache.hits == 2

@@ -40,10 +40,9 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 from torch import nn
 
-from configs.caching import CacheSettings
+from configs.caching import BLOCK_SKIPPING_BACKENDS, CacheSettings
 from workers.parallel import parallel_state
 
-_BLOCK_SKIPPING = ("first_block_cache", "magcache")
 ROWS = "rows"  # the branch of a call whose rows hold both guidance branches (or the only one)
 _STACKS = ("transformer_blocks", "single_transformer_blocks", "layers")  # the repeated blocks, in call order
 _TAYLORSEER_HOOK = "taylorseer_cache"
@@ -124,7 +123,7 @@ class StepCache:
 
     # first_block_cache and magcache --------------------------------------------------------------
     def run_block(self, index: int, forward, metadata, args: tuple, kwargs: dict):
-        if self.settings.backend not in _BLOCK_SKIPPING or self._call is None:
+        if self.settings.backend not in BLOCK_SKIPPING_BACKENDS or self._call is None:
             return forward(*args, **kwargs)
         state = self._states.setdefault(self._call.branch, _BranchState())
         inputs = _tensors_in(metadata, args, kwargs)
