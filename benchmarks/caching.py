@@ -151,8 +151,9 @@ def dit_under_tp(steps: int) -> None:
         write_medium_model("z-image", directory)
         for label, size in (("TP=1", 1), ("TP=2", 2)):
             layout = DiffusionParallelConfig(tensor_parallel_size=size).layout
-            plain, _, _ = measure("z-image", layout, 1, directory, steps)
-            cached, _, skipped = measure("z-image", layout, 1, directory, steps, mask)
+            plain = measure("z-image", layout, 1, directory, steps).seconds
+            run = measure("z-image", layout, 1, directory, steps, mask)
+            cached, skipped = run.seconds, run.cached
             print(f"| {label} | {plain:.3f} | {cached:.3f} | {skipped} of {steps + 1} | {plain / cached:.2f}x |",
                   flush=True)
 

@@ -20,18 +20,21 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is the repository's, not installed
 
 from configs import CacheSettings, load_family
 from tests.helpers import rank_context, run_ranks
-from workers import RankLayout
+from workers import CompileStats, RankLayout
 from workers.parallel import forward_broadcast, parallel_state
 from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.parallel.compiled_blocks import compile_stats
 from workers.parallel.sharded_loading import dit_component, load_component_shard
 
 IMAGE_SIDE = 512
@@ -81,14 +84,14 @@ def step_calls(family: str) -> list[tuple[tuple, dict]]:
 
 
 def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLayout, threads: int, directory: Path,
-             steps: int, doorbells, cache: CacheSettings, results) -> None:
+             steps: int, doorbells, cache: CacheSettings, compiled: bool, results) -> None:
     torch.set_num_threads(threads)
     parallel_state.initialize(rank, layout, "cpu", port)
     config = load_family(family)
     dit = load_component_shard(dit_component(config), directory / family / "transformer",
                                parallel_state.rank_in("tp"), parallel_state.size_of("tp"), torch.device("cpu"),
                                torch.float32)
-    executor = DitExecutor(dit, config.sequence_parallel)
+    executor = DitExecutor(dit, config.sequence_parallel, compiled)
     if rank:
         forward_broadcast.follow(follower_handlers("transformer", executor, {}), doorbells[rank - 1], lambda: True)
         parallel_state.shutdown()
@@ -110,17 +113,33 @@ def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLay
     assert outputs
     if layout.world_size > 1:
         forward_broadcast.send(forward_broadcast.STOP)
-    results.put((rank, elapsed, counters, executor.step_cache.cached_calls))
+    results.put((rank, Measured(elapsed, counters, executor.step_cache.cached_calls, _first_tensor(outputs),
+                                compile_stats())))
     parallel_state.shutdown()
 
 
+def _first_tensor(outputs: list) -> np.ndarray:
+    first = outputs[-1][0]
+    return (first[0] if isinstance(first, list) else first).numpy().copy()  # a tensor would need its sender alive
+
+
+@dataclass
+class Measured:
+    """Rank 0's view of one run; the first step warms up (and compiles) and is not timed."""
+
+    seconds: float  # per step
+    counters: dict  # collective -> (calls, bytes sent) per step
+    cached: int  # DiT calls the step cache skipped
+    output: np.ndarray  # the last DiT call's
+    compile: CompileStats
+
+
 def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int,
-            cache: CacheSettings = CacheSettings()) -> tuple[float, dict, int]:
-    """Seconds per step after the first, rank 0's collectives per step, and its cached DiT calls."""
+            cache: CacheSettings = CacheSettings(), compiled: bool = False) -> Measured:
     doorbells = [rank_context().Queue() for _ in range(layout.world_size - 1)]
-    [(_, elapsed, counters, cached)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory,
-                                                 steps, doorbells, cache, timeout_s=1800, reports=1)
-    return elapsed, counters, cached
+    [(_, measured)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory, steps, doorbells,
+                                cache, compiled, timeout_s=1800, reports=1)
+    return measured
 
 
 def main() -> None:
@@ -137,7 +156,8 @@ def main() -> None:
             print(f"{'layout':<18}{'s/step':>8}{'speed-up':>10}  collectives per step (calls, MiB sent by rank 0)")
             baseline = None
             for label, layout, threads in layouts:
-                seconds, counters, _ = measure(family, layout, threads, directory, args.steps)
+                measured = measure(family, layout, threads, directory, args.steps)
+                seconds, counters = measured.seconds, measured.counters
                 baseline = baseline or seconds
                 traffic = ", ".join(f"{name} {calls:.0f} ({sent / 2**20:.1f})"
                                     for name, (calls, sent) in sorted(counters.items())) or "-"

@@ -19,6 +19,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: the full-size model from its configuration, random weights
 
 
+def parse_size(size: str) -> tuple[int, int]:
+    """"1024x768" -> (1024, 768); ValueError naming the expected form."""
+    width, separator, height = size.lower().partition("x")
+    if not (separator and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise ValueError(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+    return int(width), int(height)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: str = "auto"  # parameter dtype; auto: bfloat16 on CUDA, float32 on CPU
@@ -28,6 +36,13 @@ class EngineOptions:
     # the ranks that finish first wait outside any timed collective (forward_broadcast's doorbell).
     startup_timeout_s: float = 1800.0  # for every rank to load
     warm_up: bool = True  # one generation at the fewest steps before serving (the online engine)
+    # torch.compile of the DiT's repeated blocks (workers/parallel/compiled_blocks.py). None: compiled
+    # on CUDA, eager on CPU, where inductor gains little (docs/benchmarks.md: GEMMs and attention are
+    # ~90% of a CPU step and compile leaves them to the same kernels) and costs 10-40 s per start.
+    enforce_eager: bool | None = None
+    # Sizes ("WIDTHxHEIGHT") compiled and run before serving; () with compile: the family's default size
+    warmup_sizes: tuple[str, ...] = ()
+    compile_cache_dir: str | None = None  # compiled graphs kept across starts; None: ~/.cache/ditserve/compile
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path, loaded at start
     max_loras: int = 4  # adapters resident on the ranks at once (the least recently used dropped beyond)
     max_lora_rank: int = 128  # adapters of a higher rank are refused
@@ -69,6 +84,13 @@ class EngineOptions:
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
         CacheSettings.of(self.cache_backend, self.cache_config)  # an unknown backend or knob: ValueError
+        for size in self.warmup_sizes:
+            parse_size(size)
+
+    @property
+    def warmup_dimensions(self) -> list[tuple[int, int]]:
+        """warmup_sizes as (width, height)."""
+        return [parse_size(size) for size in self.warmup_sizes]
 
     @property
     def cache_settings(self) -> CacheSettings:

@@ -33,6 +33,10 @@ class Metrics:
                                          "prompt-embedding cache", registry=r)
         self.result_cache_hits = Counter("ditserve_result_cache_hits", "Requests answered from the result cache "
                                          "(an identical earlier request with a seed)", registry=r)
+        self.compiles = Counter("ditserve_compiles", "Graphs compiled while serving requests, after warm-up (a shape "
+                                "first seen; each is logged)", registry=r)
+        self.compile_seconds = Counter("ditserve_compile_seconds", "Seconds requests spent waiting for compiles",
+                                       registry=r)
         self.cancelled = Counter("ditserve_requests_cancelled", "Requests stopped by disconnect or timeout", registry=r)
         self.worker_restarts = Counter("ditserve_worker_restarts", "Times the worker group was restarted", registry=r)
         self.parallel_size = Gauge("ditserve_parallel_size", "Ranks along each axis of the parallel layout "

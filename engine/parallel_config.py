@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -130,7 +132,13 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         offload=offload,
         cache=options.cache_settings,
         prompt_cache_bytes=options.prompt_cache_bytes,
+        compiled=on_cuda if options.enforce_eager is None else not options.enforce_eager,
+        compile_cache_dir=options.compile_cache_dir or default_compile_cache_dir(),
     )
+
+
+def default_compile_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ditserve" / "compile")
 
 
 def checked_offload(offload: dict[str, str | None]) -> dict[str, str]:

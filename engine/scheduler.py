@@ -172,6 +172,13 @@ class Scheduler:
             self.metrics.images.inc(sum(len(r.images) for r in done))
             self.metrics.steps_cached.inc(sum(r.cached_steps for r in done))
             self.metrics.prompt_cache_hits.inc(done[0].prompt_cache_hits)  # the batch's, on each of its results
+            compiled = done[0].compiled
+            if compiled.graphs:
+                logger.warning("requests %s waited %.1f s for %d graph(s) to compile: a shape the warm-up did not "
+                               "run (--warmup-sizes)", ", ".join(r.request_id for r in done), compiled.seconds,
+                               compiled.graphs)
+                self.metrics.compiles.inc(compiled.graphs)
+                self.metrics.compile_seconds.inc(compiled.seconds)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop,

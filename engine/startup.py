@@ -18,7 +18,7 @@ from engine.loras import LoraRegistry
 from engine.models.resolver import ResolvedModel, resolve_model
 from engine.parallel_config import DiffusionParallelConfig, checked_offload, worker_spec
 from engine.worker_group import WorkerGroup
-from workers import GenerationBatch, GenerationFailure
+from workers import CompileStats, GenerationBatch, GenerationFailure
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +54,40 @@ def start_group(config: EngineConfig, loras: LoraRegistry, restart: bool = False
         else:
             loras.load_all(group, config.lora_modules)
         if config.warm_up:
-            _warm_up(model, group)
+            _warm_up(model, group, config.warmup_dimensions)
     except BaseException:
         group.close()
         raise
     return model, group
 
 
-def _warm_up(model: ResolvedModel, group: WorkerGroup) -> None:
-    """One generation with the fewest steps the family allows, at the smallest size, so the first
-    user request is not the slow one."""
+# A second, longer prompt with two images: after it the prompt length and the batch size are dynamic
+# in the compiled graphs, so requests of any prompt and n at a warmed size compile nothing.
+_WARM_UP_RUNS = (("warm-up", 1), ("a long warm-up prompt " * 12, 2))
+
+
+def _warm_up(model: ResolvedModel, group: WorkerGroup, sizes: list[tuple[int, int]]) -> CompileStats:
+    """Eager: one generation with the fewest steps the family allows, at the smallest size, so the
+    first user request is not the slow one. Compiled: at each of `sizes` (default: the family's
+    default size), two generations that compile what requests of that size will run."""
     started = time.perf_counter()
-    side = model.family.size.min
-    images = [Image.new("RGB", (side, side), (127, 127, 127))] if model.family.is_edit else []
-    request = build_request(model, PromptInput("warm-up", images=images), OmniDiffusionSamplingParams(
-        num_inference_steps=model.family.min_inference_steps, seed=0, cache="off"))
-    result = group.submit(GenerationBatch([request]))[0].result()
-    if isinstance(result, GenerationFailure):
-        raise GenerationError(f"warm-up generation failed: {error_for(result)}")
-    logger.info("warm-up generation done in %.2f s", time.perf_counter() - started)
+    if group.spec.compiled:
+        defaults = model.defaults
+        sizes, runs = sizes or [(defaults.width, defaults.height)], _WARM_UP_RUNS
+    else:
+        sizes, runs = [(model.family.size.min, model.family.size.min)], _WARM_UP_RUNS[:1]
+    compiled = CompileStats()
+    for width, height in sizes:
+        images = [Image.new("RGB", (width, height), (127, 127, 127))] if model.family.is_edit else []
+        for prompt, count in runs:
+            request = build_request(model, PromptInput(prompt, images=images), OmniDiffusionSamplingParams(
+                width=width, height=height, num_inference_steps=model.family.min_inference_steps, seed=0,
+                num_outputs_per_prompt=count, cache="off"))
+            result = group.submit(GenerationBatch([request]))[0].result()
+            if isinstance(result, GenerationFailure):
+                raise GenerationError(f"warm-up generation at {width}x{height} failed: {error_for(result)}")
+            compiled += result.compiled
+    logger.info("warm-up done in %.2f s%s", time.perf_counter() - started,
+                f" ({compiled.graphs} graph(s) compiled at {', '.join(f'{w}x{h}' for w, h in sizes)}, "
+                f"{compiled.cache_hits} read from the compile cache)" if group.spec.compiled else "")
+    return compiled

@@ -105,6 +105,17 @@ def build_serve_parser() -> argparse.ArgumentParser:
                              '"max_cached_steps": 3}\' (first_block_cache) or \'{"cache_interval": 3, '
                              '"disable_cache_before_step": 2}\' (taylorseer) or \'{"threshold": 0.06, '
                              '"mag_ratios": [...]}\' (magcache; see docs/parallelism.md)')
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=ENGINE.enforce_eager,
+                        help="run the DiT eagerly; --no-enforce-eager compiles its repeated blocks with "
+                             "torch.compile (default: compiled on CUDA, eager on CPU, where compiling gains "
+                             "little: docs/benchmarks.md)")
+    parser.add_argument("--warmup-sizes", type=lambda text: tuple(text.split(",")), default=ENGINE.warmup_sizes,
+                        metavar="WxH,...", help="with compile: sizes compiled and run before /health says ready, "
+                                                "e.g. 1024x1024,1328x1328 (default: the model's default size); "
+                                                "other sizes compile once, on first use, and are logged")
+    parser.add_argument("--compile-cache-dir", default=ENGINE.compile_cache_dir, metavar="DIR",
+                        help="compiled graphs kept across starts and rank restarts (default "
+                             "~/.cache/ditserve/compile)")
     parser.add_argument("--prompt-cache-bytes", type=int, default=ENGINE.prompt_cache_bytes, metavar="BYTES",
                         help="text-encoder outputs kept for prompts seen before, least recently used out "
                              f"(default {ENGINE.prompt_cache_bytes // 2**20} MiB; 0: off)")

@@ -6,7 +6,7 @@ These live in the lowest layer so that workers never import the engine.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class WorkerSpec:
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses
     cache: CacheSettings = CacheSettings()  # the server's step caching (a request may turn it off)
     prompt_cache_bytes: int = EngineOptions.prompt_cache_bytes  # the driver's prompt-embedding cache
+    compiled: bool = False  # torch.compile the DiT's repeated blocks
+    compile_cache_dir: str | None = None  # where compiled graphs are kept across starts
 
     @property
     def world_size(self) -> int:
@@ -155,6 +157,23 @@ class AdapterCommandDone:
     error_code: str | None = None  # e.g. "lora_rank_too_high", "invalid_lora_adapter"
 
 
+@dataclass(frozen=True)
+class CompileStats:
+    """torch.compile's work in one rank process (workers.parallel.compiled_blocks.compile_stats)."""
+
+    graphs: int = 0  # graphs compiled (a recompile adds one)
+    graph_breaks: int = 0  # places where tracing stopped and split a graph
+    cache_hits: int = 0  # of those graphs, read back from the on-disk compile cache
+    cache_misses: int = 0  # built by inductor
+    seconds: float = 0.0  # spent tracing and compiling
+
+    def __sub__(self, earlier: CompileStats) -> CompileStats:
+        return CompileStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
+
+    def __add__(self, other: CompileStats) -> CompileStats:
+        return CompileStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
 @dataclass
 class GenerationResult:
     request_id: str
@@ -165,6 +184,7 @@ class GenerationResult:
     batch_images: int  # images in the pipeline call this request was part of
     cached_steps: int = 0  # steps whose (conditional) DiT call skipped its blocks (workers/step_cache.py)
     prompt_cache_hits: int = 0  # the batch's text-encoder calls answered from memory (workers/prompt_cache.py)
+    compiled: CompileStats = CompileStats()  # what the batch compiled on rank 0 (a shape first seen)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from configs.families import FamilyConfig, PreviewPlan
 from workers.lora.adapter_library import AdapterLibrary
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
 from workers.parallel.cfg_parallel import CfgDispatcher
+from workers.parallel.compiled_blocks import compile_stats
 from workers.partial_previews import PreviewDecoder, preview_steps
 from workers.prompt_cache import PromptCache
 from workers.qwen_vl_processor import Qwen2VLImageOnlyProcessor
@@ -105,7 +106,7 @@ class PipelineRunner:
             on_partial: Callable[[GenerationPartial], None] | None = None) -> list[GenerationResult]:
         """Results in request order; raises BatchCancelled when should_stop() turns true after a step.
         With `on_partial`, the batch's `partial_images` previews go to it as they are made."""
-        started = time.perf_counter()
+        started, compiled_before = time.perf_counter(), compile_stats()
         step_ends: list[float] = []
         sampling = batch.requests[0].sampling
         preview_at = preview_steps(sampling.num_inference_steps, sampling.partial_images) if on_partial else []
@@ -137,7 +138,7 @@ class PipelineRunner:
             self.dispatcher.begin(self.dispatcher.plan.calls_twice(first.sampling.true_cfg_scale,
                                                                    first.negative_prompt),
                                   self.cache.for_request(first.sampling.cache, first.sampling.cache_threshold,
-                                                         first.sampling.num_inference_steps))
+                                                         first.sampling.num_inference_steps), bool(first.loras))
         pipeline = self.pipeline_for(first.pipeline)
         if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
@@ -152,6 +153,11 @@ class PipelineRunner:
         if step_cache is not None and step_cache.settings.calibrate:
             logger.info("magcache calibration at %d steps, pass as --cache-config '{\"mag_ratios\": %s}'",
                         first.sampling.num_inference_steps, step_cache.calibration())
+        compiled = compile_stats() - compiled_before
+        if compiled.graphs:
+            logger.info("batch of %d image(s) at %dx%d compiled %d graph(s) in %.1f s (%d read from the compile "
+                        "cache)", len(images), sampling.width, sampling.height, compiled.graphs, compiled.seconds,
+                        compiled.cache_hits)
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt
@@ -164,6 +170,7 @@ class PipelineRunner:
                 batch_images=len(images),
                 cached_steps=cached_steps,
                 prompt_cache_hits=self.prompt_cache.hits,
+                compiled=compiled,
             ))
             offset += count
         return results

@@ -42,6 +42,7 @@ from workers.messages import (
 from workers.offload import home_device, offload
 from workers.parallel import forward_broadcast, parallel_state
 from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
+from workers.parallel.compiled_blocks import use_cache_dir
 from workers.parallel.sharded_loading import (
     load_component_shard,
     load_whole_model,
@@ -71,7 +72,9 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
                                   fault_flag=channels.fault_flag)
         family = load_family(spec.family_name)
         shards, whole, load_s = _load_models(rank, spec)
-        executor = DitExecutor(shards["transformer"], family.sequence_parallel)
+        if spec.compiled:
+            use_cache_dir(spec.compile_cache_dir)
+        executor = DitExecutor(shards["transformer"], family.sequence_parallel, spec.compiled)
         components = {**shards, **whole}
         if rank == 0:
             for name in shards.keys() - {"transformer"}:  # the text-encoder shards the TP group runs together

@@ -32,6 +32,7 @@ from configs import CacheSettings
 from configs.families import CfgParallelPlan, SequenceParallelPlan
 from workers import testing_hooks
 from workers.parallel import forward_broadcast, parallel_state, sequence_parallel
+from workers.parallel.compiled_blocks import CompiledBlocks, eager_for
 from workers.parallel.step_cache import ROWS, StepCache
 
 logger = logging.getLogger(__name__)
@@ -43,14 +44,24 @@ Call = tuple[tuple, dict]
 class DitExecutor:
     """This rank's part of one DiT call: its CFG group's call, over the tokens of its Ulysses slice."""
 
-    def __init__(self, dit: nn.Module, plan: SequenceParallelPlan):
+    def __init__(self, dit: nn.Module, plan: SequenceParallelPlan, compiled: bool = False):
         self.forward = dit.forward  # bound before the driver replaces it
         self.signature = inspect.signature(self.forward)
         if parallel_state.size_of(sequence_parallel.AXIS) > 1:
             self._run = sequence_parallel.install(dit, plan)
         else:
             self._run = lambda forward, args, kwargs: forward(*args, **kwargs)
-        self.step_cache = StepCache(dit)  # after the Ulysses hooks: they read the blocks' own signatures
+        # in this order: the Ulysses hooks read the blocks' own signatures, and the step cache's
+        # decisions wrap the compiled forwards, outside every graph
+        self.compiled = CompiledBlocks(dit) if compiled else None
+        self.step_cache = StepCache(dit)
+
+    def begin(self, cache: CacheSettings, adapters: bool = False) -> None:
+        """Before each batch, on every rank: its step-cache settings, and whether LoRA adapters are
+        active in it; either may send its blocks to the eager forwards (compiled_blocks.eager_for)."""
+        self.step_cache.begin(cache)
+        if self.compiled is not None:
+            self.compiled.eager = eager_for(cache, adapters)
 
     def __call__(self, calls: list[Call | None], exchange: bool, branches: list[str] | None = None) -> list[Any]:
         """Outputs of every group's call when `exchange`, else of this group's only. branches[g]: which
@@ -91,14 +102,14 @@ class CfgDispatcher:
         self._pending: tuple[Call, torch.Tensor] | None = None
         self._told_single = False
 
-    def begin(self, pairs: bool, cache: CacheSettings = CacheSettings()) -> None:
-        """Before each pipeline call: does it call the DiT twice per step (cond, uncond)? And its
-        step-cache settings, on every rank."""
+    def begin(self, pairs: bool, cache: CacheSettings = CacheSettings(), adapters: bool = False) -> None:
+        """Before each pipeline call: does it call the DiT twice per step (cond, uncond)? And, on
+        every rank, its step-cache settings and whether LoRA adapters are active."""
         self._pending = None
         self._pairs, self._calls = pairs, 0
         if parallel_state.layout().world_size > 1:
-            forward_broadcast.send(forward_broadcast.CACHE, cache)
-        self.executor.step_cache.begin(cache)
+            forward_broadcast.send(forward_broadcast.CACHE, (cache, adapters))
+        self.executor.begin(cache, adapters)
 
     def check_settled(self) -> None:
         """After each step: a cond call whose uncond never came would leave a promise unread-but-used."""
@@ -180,7 +191,7 @@ def follower_handlers(dit_name: str, executor: DitExecutor,
     """What a follower runs for each broadcast forward: its DiT part; a text encoder only in the
     driver's TP group (cfg group 0, Ulysses rank 0), the only ranks that hold one."""
     handlers: dict[str, Callable[..., Any]] = {dit_name: executor,
-                                               forward_broadcast.CACHE: executor.step_cache.begin}
+                                               forward_broadcast.CACHE: lambda settings: executor.begin(*settings)}
     for name, module in text_encoders.items():
         handlers[name] = lambda calls, exchange, module=module: module(*calls[0][0], **calls[0][1])
     return handlers

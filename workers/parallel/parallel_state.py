@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional_collectives
 
 from workers.messages import RankLayout
 from workers.parallel.shm_exchange import CollectivesAborted, SharedMemoryGroup, shape_header, shapes_from_header
@@ -138,10 +139,16 @@ def size_of(axis: str) -> int:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the tensor-parallel group in place."""
+    """The sum of `tensor` over the tensor-parallel group: in place when eager; a new tensor inside a
+    compiled graph (so use the result), where it is one node rather than a graph break: PyTorch's
+    traceable functional all-reduce on a process group, the `ditserve::all_reduce` op on shared memory."""
     group = _current().groups["tp"]
     if group.size == 1:
         return tensor
+    if torch.compiler.is_compiling():
+        if group.shared_memory is None:
+            return functional_collectives.all_reduce(tensor, "sum", group.process_group)
+        return torch.ops.ditserve.all_reduce(tensor)
     count("all_reduce", tensor.nbytes)
     with collective():
         if group.shared_memory is not None:
@@ -149,6 +156,17 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(tensor, group=group.process_group)
     return tensor
+
+
+@torch.library.custom_op("ditserve::all_reduce", mutates_args=())
+def _summed_through_shared_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """The shared-memory all-reduce as an op a compiled graph calls (its shape is its input's)."""
+    return all_reduce(tensor.clone())
+
+
+@_summed_through_shared_memory.register_fake
+def _(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor)
 
 
 def all_gather(tensors: list[torch.Tensor], axis: str) -> list[list[torch.Tensor]]:

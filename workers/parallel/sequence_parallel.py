@@ -6,10 +6,14 @@ rotary embeddings, masks) where they enter the blocks and gathers them where the
 attention runs on all tokens for a share of the heads: one all-to-all turns (all heads, my tokens)
 into (my heads, all tokens) for q, k and v, and one turns the output back.
 
-Attention is caught at `torch.nn.functional.scaled_dot_product_attention` through a
-TorchFunctionMode, the one call every family's processors end in (diffusers' native backend and
-SD3's processor alike), so no processor is rewritten. The mode is active only inside the DiT's
-attention modules (those with a `processor`), so the rest of the forward pays nothing for it.
+Attention is caught at `torch.nn.functional.scaled_dot_product_attention`, the one call every
+family's processors end in (diffusers' native backend and SD3's processor alike), so no processor
+is rewritten: a rank with a Ulysses group replaces that function with one that, during the DiT's
+forward only, runs Ulysses attention (the text encoders' attention stays plain). A plain function
+rather than a TorchFunctionMode: torch.compile traces it inside a block, where a mode would split
+the graph at every tensor method written in Python (`Tensor.unflatten`). Under compile the
+exchange is one op, `ditserve::ulysses_attention`.
+
 The gathered sequence is the ranks' slices in rank order, not the model's order; attention is
 invariant to the order of keys and equivariant in queries, and a key mask is gathered in the same
 order, so the result is the same.
@@ -27,12 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from configs.families import SequenceParallelPlan
 from workers.parallel import parallel_state
 
 AXIS = "ulysses"
+_plain_attention = F.scaled_dot_product_attention
+_in_dit_forward = [False]  # the hooks and the replaced scaled_dot_product_attention act only while true
 
 
 def shares(size: int, parts: int) -> list[int]:
@@ -78,20 +83,39 @@ def ulysses_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         if attn_mask.shape[-2] != 1 or (attn_mask.dim() == 4 and attn_mask.shape[1] != 1):
             raise NotImplementedError(f"Ulysses attention supports key masks only, not {tuple(attn_mask.shape)}")
         attn_mask = gather_tokens(attn_mask, dim=-1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         scale=scale, enable_gqa=enable_gqa)
+    out = _plain_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                           enable_gqa=enable_gqa)
     pieces = [piece.contiguous() for piece in out.split(token_counts, dim=2)]
     assert pieces[me].shape[2] == local_tokens
     return torch.cat(parallel_state.all_to_all(pieces, AXIS), dim=1)
 
 
-class UlyssesAttention(TorchFunctionMode):
-    """While active, scaled_dot_product_attention runs as Ulysses attention over the group."""
+@torch.library.custom_op("ditserve::ulysses_attention", mutates_args=())
+def _ulysses_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attn_mask: torch.Tensor | None, dropout_p: float, scale: float | None,
+                          enable_gqa: bool) -> torch.Tensor:
+    """Ulysses attention as one node of a compiled graph. The all-to-alls inside exchange pieces
+    whose sizes depend on the other ranks' token counts, which tracing cannot see; the output's
+    shape is the query's (with the value's head size), which it can."""
+    return ulysses_attention(query, key, value, attn_mask, dropout_p, scale=scale, enable_gqa=enable_gqa)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return ulysses_attention(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+
+@_ulysses_attention_op.register_fake
+def _(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False) -> torch.Tensor:
+    """What `torch.nn.functional.scaled_dot_product_attention` is on a Ulysses rank."""
+    if not _in_dit_forward[0]:
+        return _plain_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
+    if not torch.compiler.is_compiling():
+        return ulysses_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if is_causal:
+        raise NotImplementedError("Ulysses attention over a sequence split in rank order cannot be causal")
+    return torch.ops.ditserve.ulysses_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
 
 
 def _modules(root: nn.Module, path: str) -> list[nn.Module]:
@@ -124,8 +148,6 @@ def _split_output(output: Any, dims: dict[int, int]) -> Any:
 def install(dit: nn.Module, plan: SequenceParallelPlan) -> Callable[..., Any]:
     """Hook the plan's split and gather points into `dit` (hooks act only inside `run`) and return
     the function that runs one forward sequence-parallel."""
-    active = [False]
-
     for path, dims in plan.split_inputs.items():
         if not path:
             continue
@@ -133,40 +155,27 @@ def install(dit: nn.Module, plan: SequenceParallelPlan) -> Callable[..., Any]:
             signature = inspect.signature(module.forward)
 
             def split_inputs(module, args, kwargs, signature=signature, dims=dims):
-                return _split_arguments(signature, args, kwargs, dims) if active[0] else None
+                return _split_arguments(signature, args, kwargs, dims) if _in_dit_forward[0] else None
 
             module.register_forward_pre_hook(split_inputs, with_kwargs=True)
     for path, dims in plan.split_outputs.items():
         for module in _modules(dit, path):
             module.register_forward_hook(
-                lambda module, args, output, dims=dims: _split_output(output, dims) if active[0] else None)
+                lambda module, args, output, dims=dims: _split_output(output, dims) if _in_dit_forward[0] else None)
     for path, dim in plan.gather_outputs.items():
         for module in _modules(dit, path):
             module.register_forward_hook(
-                lambda module, args, output, dim=dim: gather_tokens(output, dim) if active[0] else None)
-    for module in dit.modules():
-        if hasattr(module, "processor"):
-            mode = UlyssesAttention()
-
-            def enter(module, args, mode=mode) -> None:
-                if active[0]:
-                    mode.__enter__()
-
-            def leave(module, args, output, mode=mode) -> None:
-                if active[0]:
-                    mode.__exit__(None, None, None)
-
-            module.register_forward_pre_hook(enter)
-            module.register_forward_hook(leave, always_call=True)
+                lambda module, args, output, dim=dim: gather_tokens(output, dim) if _in_dit_forward[0] else None)
+    F.scaled_dot_product_attention = _attention
     root_dims = plan.split_inputs.get("", {})
 
     def run(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if root_dims:
             args, kwargs = _split_arguments(inspect.signature(forward), args, kwargs, root_dims)
-        active[0] = True
+        _in_dit_forward[0] = True
         try:
             return forward(*args, **kwargs)
         finally:
-            active[0] = False
+            _in_dit_forward[0] = False
 
     return run
