@@ -61,15 +61,21 @@ def start_group(config: EngineConfig, loras: LoraRegistry, restart: bool = False
     return model, group
 
 
-# A second, longer prompt with two images: after it the prompt length and the batch size are dynamic
-# in the compiled graphs, so requests of any prompt and n at a warmed size compile nothing.
-_WARM_UP_RUNS = (("warm-up", 1), ("a long warm-up prompt " * 12, 2))
+# What a compiled block's graph depends on besides sizes (all symbolic): one image or several, and
+# whether the rows' prompts differ in length (Z-Image then passes an attention mask). So: one image;
+# two without guidance; two with guidance and a negative prompt (batched or separate CFG calls).
+_LONG_PROMPT = "a long warm-up prompt " * 12
+_WARM_UP_RUNS = (
+    ("warm-up", None, {}),
+    (_LONG_PROMPT, None, {"num_outputs_per_prompt": 2, "guidance_scale": 0.0, "true_cfg_scale": 1.0}),
+    (_LONG_PROMPT, "blurry", {"num_outputs_per_prompt": 2, "guidance_scale": 4.0, "true_cfg_scale": 4.0}),
+)
 
 
 def _warm_up(model: ResolvedModel, group: WorkerGroup, sizes: list[tuple[int, int]]) -> CompileStats:
     """Eager: one generation with the fewest steps the family allows, at the smallest size, so the
     first user request is not the slow one. Compiled: at each of `sizes` (default: the family's
-    default size), two generations that compile what requests of that size will run."""
+    default size), the _WARM_UP_RUNS, which compile every graph requests will run."""
     started = time.perf_counter()
     if group.spec.compiled:
         defaults = model.defaults
@@ -79,10 +85,10 @@ def _warm_up(model: ResolvedModel, group: WorkerGroup, sizes: list[tuple[int, in
     compiled = CompileStats()
     for width, height in sizes:
         images = [Image.new("RGB", (width, height), (127, 127, 127))] if model.family.is_edit else []
-        for prompt, count in runs:
-            request = build_request(model, PromptInput(prompt, images=images), OmniDiffusionSamplingParams(
+        for prompt, negative, values in runs:
+            request = build_request(model, PromptInput(prompt, negative, images=images), OmniDiffusionSamplingParams(
                 width=width, height=height, num_inference_steps=model.family.min_inference_steps, seed=0,
-                num_outputs_per_prompt=count, cache="off"))
+                cache="off", **values))
             result = group.submit(GenerationBatch([request]))[0].result()
             if isinstance(result, GenerationFailure):
                 raise GenerationError(f"warm-up generation at {width}x{height} failed: {error_for(result)}")

@@ -81,8 +81,9 @@ def test_z_image_compiled_matches_diffusers_and_compiles_nothing_after_warm_up(t
         lora_expected = reference_image(tiny_dir("z-image"), "z-image", SIZE, SIZE, loras=((paths[name], scale),))
         assert max_pixel_difference(output.images[0], lora_expected) <= 1, name
 
-    # A second start with the same cache: what its first request compiles is all read back.
-    with Omni(model="tiny/z-image", enforce_eager=False, compile_cache_dir=compile_cache) as omni:
+    # A second start of the same engine: what its first request compiles is all read back.
+    with Omni(model="tiny/z-image", enforce_eager=False, compile_cache_dir=compile_cache,
+              lora_modules={name: str(path) for name, path in paths.items()}) as omni:
         timings = omni.generate(REFERENCE_PROMPT, reference_params("z-image", height=SIZE, width=SIZE))[0].timings
     assert timings["compiled_graphs"] > 0
     assert timings["compile_cache_hits"] == timings["compiled_graphs"], timings

@@ -64,6 +64,9 @@ class CompiledBlocks:
         self.eager = False
         # a graph per block kind x (one image, several) x LoRA layouts: more than the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS_PER_BLOCK)
+        # Two dimensions of equal size would share one symbol, and the graph would hold only while
+        # they stay equal (a prompt as long as the image's tokens): a recompile, and a cache miss.
+        torch.fx.experimental._config.use_duck_shape = False
         for block in self.blocks:
             block.forward = self._switch(block.forward, torch.compile(block.forward, dynamic=True))
 
