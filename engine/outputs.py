@@ -58,6 +58,8 @@ def output_from_result(
         timings["cached_steps"] = result.cached_steps
     if result.prompt_cache_hits:
         timings["prompt_cache_hits"] = result.prompt_cache_hits
+    if result.peak_memory_bytes is not None and not repeated:
+        timings["peak_memory_mb"] = result.peak_memory_bytes / 2**20
     if result.compiled.graphs and not repeated:  # a shape not warmed up
         timings.update(compiled_graphs=result.compiled.graphs, compile_s=result.compiled.seconds,
                        compile_cache_hits=result.compiled.cache_hits)

@@ -12,6 +12,10 @@ import uuid
 os.environ.setdefault("DITSERVE_TEST_CACHE", tempfile.mkdtemp(prefix="ditserve-test-cache-"))
 os.environ["DITSERVE_CACHE"] = os.environ["DITSERVE_TEST_CACHE"]
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One inductor cache for the run (not the user's): every compiling test and rank shares the kernels
+# the others built (a block's fused kernels are the same at any layout), and a run starts cold.
+COMPILE_CACHE = os.path.join(os.environ["DITSERVE_CACHE"], "inductor")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = COMPILE_CACHE
 # Every group the suite starts (servers included) reads these (workers/testing_hooks.py): a rank
 # raises in its DiT while FAULT_FILE names it (inject_fault); a driver waits while it holds a file of
 # HOLD_DIR. One of each per xdist worker, so one worker's fault never reaches another's ranks.
@@ -39,10 +43,13 @@ from workers.testing_hooks import HELD_PREFIX, shrink_edit_conditions  # noqa: E
 
 shrink_edit_conditions()
 
+_FIRST = ("tests/server/", "tests/engine/test_compile.py", "tests/tools/test_gpu_check.py")
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """The HTTP tests first: under pytest-xdist (`make test`: `-n 2 --dist loadfile`, one file per
-    worker at a time) the files with the longest set-ups start early instead of making the tail."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/server/"))
+    """The HTTP and compile tests first: under pytest-xdist (`make test`: `-n 2 --dist loadfile`, one
+    file per worker at a time) the files that take longest start early instead of making the tail."""
+    items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))
 
 
 TEXT_ENCODER_LORA = {"flux", "sd3"}  # the families whose diffusers pipeline loads text-encoder LoRA

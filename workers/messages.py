@@ -185,6 +185,7 @@ class GenerationResult:
     cached_steps: int = 0  # steps whose (conditional) DiT call skipped its blocks (workers/step_cache.py)
     prompt_cache_hits: int = 0  # the batch's text-encoder calls answered from memory (workers/prompt_cache.py)
     compiled: CompileStats = CompileStats()  # what the batch compiled on rank 0 (a shape first seen)
+    peak_memory_bytes: int | None = None  # CUDA: rank 0's peak allocation during the batch (weights included)
 
 
 @dataclass

@@ -107,6 +107,9 @@ class PipelineRunner:
         """Results in request order; raises BatchCancelled when should_stop() turns true after a step.
         With `on_partial`, the batch's `partial_images` previews go to it as they are made."""
         started, compiled_before = time.perf_counter(), compile_stats()
+        on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
         step_ends: list[float] = []
         sampling = batch.requests[0].sampling
         preview_at = preview_steps(sampling.num_inference_steps, sampling.partial_images) if on_partial else []
@@ -171,6 +174,7 @@ class PipelineRunner:
                 cached_steps=cached_steps,
                 prompt_cache_hits=self.prompt_cache.hits,
                 compiled=compiled,
+                peak_memory_bytes=torch.cuda.max_memory_allocated() if on_cuda else None,
             ))
             offset += count
         return results

@@ -29,13 +29,15 @@ from torch import nn
 from configs import CacheSettings
 from workers.messages import CompileStats
 
+_GRAPHS_PER_BLOCK = 64
+
+
 def eager_for(cache: CacheSettings, adapters: bool) -> bool:
     """Whether a batch runs the eager forwards. With LoRA adapters active: the graphs are traced
     without them (PyTorch does not guard on the layers' adapter hooks), so a compiled batch would
     silently leave them out. With TaylorSeer: diffusers' hooks swap attention forwards and keep
     Python state per call, which would recompile at every change."""
     return adapters or cache.backend == "taylorseer"
-_GRAPHS_PER_BLOCK = 64
 
 
 def compile_stats() -> CompileStats:
