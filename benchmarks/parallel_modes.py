@@ -34,7 +34,7 @@ from tests.helpers import rank_context, run_ranks
 from workers import CompileStats, RankLayout
 from workers.parallel import forward_broadcast, parallel_state
 from workers.parallel.cfg_parallel import DitExecutor, follower_handlers, install_dispatcher
-from workers.parallel.compiled_blocks import compile_stats
+from workers.parallel.compiled_blocks import compile_stats, use_cache_dir
 from workers.parallel.sharded_loading import dit_component, load_component_shard
 
 IMAGE_SIDE = 512
@@ -84,14 +84,16 @@ def step_calls(family: str) -> list[tuple[tuple, dict]]:
 
 
 def run_rank(rank: int, world_size: int, port: int, family: str, layout: RankLayout, threads: int, directory: Path,
-             steps: int, doorbells, cache: CacheSettings, compiled: bool, results) -> None:
+             steps: int, doorbells, cache: CacheSettings, compile_cache_dir: str | None, results) -> None:
     torch.set_num_threads(threads)
     parallel_state.initialize(rank, layout, "cpu", port)
     config = load_family(family)
     dit = load_component_shard(dit_component(config), directory / family / "transformer",
                                parallel_state.rank_in("tp"), parallel_state.size_of("tp"), torch.device("cpu"),
                                torch.float32)
-    executor = DitExecutor(dit, config.sequence_parallel, compiled)
+    if compile_cache_dir:
+        use_cache_dir(compile_cache_dir)
+    executor = DitExecutor(dit, config.sequence_parallel, compiled=compile_cache_dir is not None)
     if rank:
         forward_broadcast.follow(follower_handlers("transformer", executor, {}), doorbells[rank - 1], lambda: True)
         parallel_state.shutdown()
@@ -135,10 +137,11 @@ class Measured:
 
 
 def measure(family: str, layout: RankLayout, threads: int, directory: Path, steps: int,
-            cache: CacheSettings = CacheSettings(), compiled: bool = False) -> Measured:
+            cache: CacheSettings = CacheSettings(), compile_cache_dir: str | None = None) -> Measured:
+    """`compile_cache_dir`: compile the DiT's blocks, keeping the graphs there (None: eager)."""
     doorbells = [rank_context().Queue() for _ in range(layout.world_size - 1)]
     [(_, measured)] = run_ranks(run_rank, layout.world_size, family, layout, threads, directory, steps, doorbells,
-                                cache, compiled, timeout_s=1800, reports=1)
+                                cache, compile_cache_dir, timeout_s=1800, reports=1)
     return measured
 
 

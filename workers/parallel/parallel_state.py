@@ -139,29 +139,30 @@ def size_of(axis: str) -> int:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over the tensor-parallel group: in place when eager; a new tensor inside a
-    compiled graph (so use the result), where it is one node rather than a graph break: PyTorch's
-    traceable functional all-reduce on a process group, the `ditserve::all_reduce` op on shared memory."""
+    """The sum of `tensor` over the tensor-parallel group: `tensor` itself summed in place (a process
+    group) or a new tensor (shared memory), so use the result. Inside a compiled graph it is one
+    node rather than a graph break: PyTorch's traceable functional all-reduce on a process group,
+    the `ditserve::all_reduce` op on shared memory."""
     group = _current().groups["tp"]
     if group.size == 1:
         return tensor
     if torch.compiler.is_compiling():
         if group.shared_memory is None:
-            return functional_collectives.all_reduce(tensor, "sum", group.process_group)
+            return functional_collectives.all_reduce(tensor, "sum", group.process_group or dist.group.WORLD)
         return torch.ops.ditserve.all_reduce(tensor)
     count("all_reduce", tensor.nbytes)
     with collective():
         if group.shared_memory is not None:
-            group.shared_memory.all_reduce(tensor)
-        else:
-            dist.all_reduce(tensor, group=group.process_group)
+            return group.shared_memory.all_reduce(tensor)
+        dist.all_reduce(tensor, group=group.process_group)
     return tensor
 
 
 @torch.library.custom_op("ditserve::all_reduce", mutates_args=())
 def _summed_through_shared_memory(tensor: torch.Tensor) -> torch.Tensor:
-    """The shared-memory all-reduce as an op a compiled graph calls (its shape is its input's)."""
-    return all_reduce(tensor.clone())
+    """The shared-memory all-reduce as an op a compiled graph calls (its shape is its input's; it
+    returns a new tensor, as an op must)."""
+    return all_reduce(tensor)
 
 
 @_summed_through_shared_memory.register_fake

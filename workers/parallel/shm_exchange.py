@@ -75,13 +75,13 @@ class SharedMemoryGroup:
         return [entry[0] for entry in self._exchange(pieces, lambda member, count: [self.index])]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum in place; the same bits on every member."""
+        """The sum over the members, in a new tensor (`tensor` is left as it was); the same bits on
+        every member."""
         parts = [entry[0] for entry in self.all_gather([tensor])]
-        total = parts[0].clone()
-        for part in parts[1:]:
+        total = parts[0] + parts[1]
+        for part in parts[2:]:
             total.add_(part)
-        tensor.copy_(total)
-        return tensor
+        return total
 
     def _exchange(self, tensors: list[torch.Tensor], wanted) -> list[list[torch.Tensor]]:
         """Write `tensors` (straight into the slot, in rounds), read from every other member the
