@@ -3,13 +3,13 @@ no checkpoint is needed, on one device:
 
 - seconds per denoising step of plain diffusers (its own pipeline around the same random models),
   of the engine eager, and of the engine compiled;
-- compile seconds of the first request, cold (an empty compile cache) and on a second start that
-  reads the cache, and how many graphs the cache answered;
+- compile seconds of the first request, on a first start (cold: an empty compile cache) and on a
+  second start that reads the cache, and how many graphs the cache answered;
 - the weights each component holds, and the peak device memory of a request (CUDA).
 
 On CUDA the defaults are Z-Image-Turbo and Qwen-Image at 1024x1024, bf16, 8 steps (under 8 minutes
 on one H100/H200). Without CUDA the defaults are a tiny model at 64x64 in fp32: the same code path,
-so the script is known to work before anyone spends GPU time on it (tests/tools/test_gpu_check.py
+so the script is known to work before anyone spends GPU time on it (tests/engine/test_compile.py
 runs it that way).
 
     bash benchmarks/gpu_check.sh [--models Tongyi-MAI/Z-Image-Turbo Qwen/Qwen-Image] [--size 1024] [--steps 8]
@@ -74,21 +74,21 @@ def engine_run(model: str, size: int, steps: int, dtype: str, **options) -> tupl
     return first, second, held
 
 
-def check(model: str, size: int, steps: int, dtype: str) -> list[str]:
+def check(model: str, size: int, steps: int, dtype: str, cache: str) -> list[str]:
     rows = []
     plain = plain_diffusers(model, size, steps, dtype)
     _, eager, held = engine_run(model, size, steps, dtype, enforce_eager=True)
-    with tempfile.TemporaryDirectory() as cache:
-        cold, compiled, _ = engine_run(model, size, steps, dtype, enforce_eager=False, compile_cache_dir=cache)
-        warm, _, _ = engine_run(model, size, steps, dtype, enforce_eager=False, compile_cache_dir=cache)
+    first, compiled, _ = engine_run(model, size, steps, dtype, enforce_eager=False, compile_cache_dir=cache)
+    second, _, _ = engine_run(model, size, steps, dtype, enforce_eager=False, compile_cache_dir=cache)
     weights = ", ".join(f"{name} {format_size(size_bytes)}" for name, size_bytes in held.items())
     rows.append(f"| {model} | plain diffusers | {plain:.3f} | 1.00x | - | - |")
     rows.append(f"| {model} | engine, eager | {eager['step_s']:.3f} | {plain / eager['step_s']:.2f}x | - | "
                 f"{_mib(eager)} |")
     rows.append(f"| {model} | engine, compiled | {compiled['step_s']:.3f} | {plain / compiled['step_s']:.2f}x | "
-                f"cold {cold.get('compile_s', 0):.1f} s ({cold.get('compiled_graphs', 0)} graphs); from the cache "
-                f"{warm.get('compile_s', 0):.1f} s ({warm.get('compile_cache_hits', 0)} of "
-                f"{warm.get('compiled_graphs', 0)} read) | {_mib(compiled)} |")
+                f"first start {first.get('compile_s', 0):.1f} s ({first.get('compiled_graphs', 0)} graphs, "
+                f"{first.get('compile_cache_hits', 0)} read from the cache); second start "
+                f"{second.get('compile_s', 0):.1f} s ({second.get('compile_cache_hits', 0)} of "
+                f"{second.get('compiled_graphs', 0)} read) | {_mib(compiled)} |")
     rows.append(f"| {model} | weights on rank 0 | {weights} | | | |")
     return rows
 
@@ -104,15 +104,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024 if ON_CUDA else 64)
     parser.add_argument("--steps", type=int, default=8 if ON_CUDA else 3)
     parser.add_argument("--dtype", default="bfloat16" if ON_CUDA else "float32")
+    parser.add_argument("--compile-cache-dir", default=None,
+                        help="where compiled graphs go (default: a new temporary folder, so the first start is cold)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if ON_CUDA else "CPU (no CUDA: a small model)"
     print(f"{device}, {args.size}x{args.size}, {args.steps} steps, {args.dtype}, random weights at true size, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}\n")
     print("| model | run | s/step | speed vs diffusers | compile (first request) | peak MiB |")
     print("|---|---|---|---|---|---|")
-    for model in args.models:
-        for row in check(model, args.size, args.steps, args.dtype):
-            print(row, flush=True)
+    with tempfile.TemporaryDirectory() as temporary:
+        for model in args.models:
+            for row in check(model, args.size, args.steps, args.dtype, args.compile_cache_dir or temporary):
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

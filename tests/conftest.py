@@ -43,7 +43,7 @@ from workers.testing_hooks import HELD_PREFIX, shrink_edit_conditions  # noqa: E
 
 shrink_edit_conditions()
 
-_FIRST = ("tests/server/", "tests/engine/test_compile.py", "tests/tools/test_gpu_check.py")
+_FIRST = ("tests/server/", "tests/engine/test_compile.py", "tests/engine/test_compiled_layouts.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

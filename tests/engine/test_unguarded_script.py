@@ -16,7 +16,7 @@ outputs[0].images[0].save({output!r})
 """
 
 
-@pytest.mark.parametrize("how,tp", [("script", 2), ("-c", 2), ("stdin", 1)])  # each way; TP=1 and 2
+@pytest.mark.parametrize("how,tp", [("script", 2), ("stdin", 1)])  # a file main module, and none (as -c)
 def test_unguarded_script_runs_and_leaves_nothing_behind(tmp_path, how, tp):
     output = tmp_path / "cat.png"
     source = SCRIPT.format(tp=tp, output=str(output))
