@@ -105,7 +105,7 @@ def test_the_checkpoint_is_in_the_real_multi_file_layout(shortened_sd35_large):
         assert any(len(files) > 1 for files in files_per_layer.values()), f"{name}: no layer straddles two files"
 
 
-@pytest.mark.parametrize("world_size", [4])  # the most shards; TP=2 of the same layers is checked elsewhere
+@pytest.mark.parametrize("world_size", [4])  # the most shards (TP=2: the tiny models of every family)
 def test_shards_load_hold_the_reported_bytes_and_compute_the_unsharded_output(shortened_sd35_large, unsharded_outputs,
                                                                              world_size):
     from engine.memory_report import memory_report
