@@ -10,8 +10,10 @@ sequence_parallel's attention op), so a block is one graph at any layout.
 Every dimension is symbolic from the first compile (`dynamic=True`), and inputs are made
 contiguous, so no image size, prompt length or step recompiles; a graph is compiled per kind of
 block (Z-Image's refiners without modulation), for one image and for several (PyTorch specialises
-sizes of 1), and per set of active LoRA layers. The warm-up runs both batch kinds; what compiles
-later is counted (`compile_stats`) and logged, with the request that waited for it.
+sizes of 1), and with or without an attention mask. The warm-up runs those cases
+(engine/startup._WARM_UP_RUNS); what compiles later is counted (`compile_stats`) and logged, with
+the request that waited for it. Batches with LoRA adapters or TaylorSeer run the eager forwards
+(`eager_for`).
 
 Compiled artefacts go to `cache_dir` (inductor's FX-graph and AOT-autograd caches), so a restart,
 of a rank or of the server, reads them back instead of compiling again.
@@ -60,16 +62,16 @@ class CompiledBlocks:
 
     def __init__(self, dit: nn.Module):
         names = set(getattr(dit, "_repeated_blocks", ()) or ())
-        self.blocks = [module for module in dit.modules() if type(module).__name__ in names]
-        if not self.blocks:
+        blocks = [module for module in dit.modules() if type(module).__name__ in names]
+        if not blocks:
             raise ValueError(f"{type(dit).__name__} lists no repeated blocks (_repeated_blocks) to compile")
         self.eager = False
-        # a graph per block kind x (one image, several) x LoRA layouts: more than the default 8
+        # a graph per block kind x (one image, several) x (mask, none): can pass the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS_PER_BLOCK)
         # Two dimensions of equal size would share one symbol, and the graph would hold only while
         # they stay equal (a prompt as long as the image's tokens): a recompile, and a cache miss.
         torch.fx.experimental._config.use_duck_shape = False
-        for block in self.blocks:
+        for block in blocks:
             block.forward = self._switch(block.forward, torch.compile(block.forward, dynamic=True))
 
     def _switch(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
