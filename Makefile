@@ -13,14 +13,18 @@ BIN        := $(VENV)/bin
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "==> [1/3] virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "==> [2/3] $(TORCH_SPEC)"
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	@echo "==> [3/3] ditserve and its dependencies (2-3 minutes on a fresh machine)"
+	$(BIN)/python -m pip install -e ".[test]"
 	@$(BIN)/serve --help 2>/dev/null | grep -q -- --tensor-parallel-size || { \
 	  $(BIN)/python -m pip install --quiet --no-deps --force-reinstall -e . && \
 	  echo "make: restored ditserve's serve command (Ray installs a script of the same name; 'ditserve serve' always works)"; }
 	touch $@
+	@echo "==> installed. Next: 'make serve' (then open http://127.0.0.1:$(PORT)) or 'make test'"
 
 serve: install
 	$(BIN)/serve $(MODEL) --omni --port $(PORT) --tensor-parallel-size $(TP)

@@ -217,6 +217,8 @@ class BuiltinModel(_Strict):
     description: str
     trained_by: str
     defaults: OmniDiffusionSamplingParams
+    vocabulary: dict[str, list[str]] = {}  # word kind -> the words its captions use
+    example_prompt: str | None = None
 
 
 @functools.cache

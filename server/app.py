@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
+import shlex
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -15,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from configs import load_builtin_models
 from engine import AsyncEngine, EngineState
 from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
@@ -42,12 +45,31 @@ def _report_loaded(engine: AsyncEngine, settings: ServerSettings, on_cannot_serv
     if engine.state is EngineState.STOPPED:
         return
     if engine.healthy:
-        logger.info("ditserve ready: serving %s at http://%s:%d (%s, max_batch_size=%d)",
+        logger.info("ditserve ready: serving %s at http://%s:%d (%s, max_batch_size=%d); try:\n%s",
                     settings.served_model_name, settings.host, settings.port,
-                    engine.config.parallel_config.layout.describe(), engine.config.max_batch_size)
+                    engine.config.parallel_config.layout.describe(), engine.config.max_batch_size,
+                    example_curl(settings, engine.model.family.is_edit))
     else:
         logger.error("ditserve could not load %s; shutting down", settings.model)
         on_cannot_serve()
+
+
+def example_curl(settings: ServerSettings, edits: bool) -> str:
+    """A command to paste into a shell: one image from the served model, written to image.png."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{host}:{settings.port}/v1/images"
+    builtin = load_builtin_models().get(settings.model.removeprefix("builtin/"))
+    prompt = builtin.example_prompt if builtin and builtin.example_prompt else "a cat reading a book"
+    auth = ' -H "Authorization: Bearer $DITSERVE_API_KEY"' if settings.api_key else ""
+    if edits:
+        request = (f"curl -s {base}/edits{auth} -F model={shlex.quote(settings.served_model_name)} "
+                   f"-F image=@input.png -F prompt={shlex.quote(prompt)}")
+    else:
+        body = json.dumps({"model": settings.served_model_name, "prompt": prompt, "seed": 1})
+        request = f"curl -s {base}/generations{auth} -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    save = ("python3 -c 'import base64, json, sys; "
+            "open(\"image.png\", \"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'")
+    return f"  {request} | {save}"
 
 
 class LoadLoraAdapterRequest(BaseModel):

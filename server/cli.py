@@ -10,14 +10,22 @@ import argparse
 import os
 import sys
 
-from configs import CACHE_BACKENDS, DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions, load_all_families
+from configs import (
+    CACHE_BACKENDS,
+    DEFAULT_MODEL,
+    DTYPES,
+    LOAD_FORMATS,
+    EngineOptions,
+    load_all_families,
+    load_builtin_models,
+)
 
 _RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 ENGINE = EngineOptions()  # every engine flag's default, and its `dest`, is a field of EngineOptions
 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks every layer of the DiT (and text encoders) is split over: memory 1/N (default 1)")
     parser.add_argument("--ulysses-degree", "--usp", type=int, default=1,
                         help="ranks the DiT's tokens are split over (Ulysses sequence parallel; default 1)")
@@ -72,7 +80,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", choices=["auto"], default=None,
                         help="auto: choose the layout for this machine's devices and the model (CFG parallel "
                              "first for true-CFG models, then Ulysses, TP only as far as memory needs)")
-    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the model argument)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the names clients may use for the model, e.g. 'qwen-image gpt-image-1' (an OpenAI "
+                             "client's model name); the first is the one reported (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("DITSERVE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (env DITSERVE_API_KEY)")
     parser.add_argument("--dtype", default=ENGINE.dtype, choices=DTYPES,
@@ -172,9 +182,17 @@ def build_serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def builtin_names() -> list[str]:
+    """The models that ship with the project, from configs/ alone."""
+    return [f"builtin/{name}" for name in load_builtin_models()] + [f"tiny/{name}" for name in load_all_families()]
+
+
 def serve_main(argv: list[str] | None = None) -> None:
-    args = build_serve_parser().parse_args(argv)
-    from server import commands
+    parser = build_serve_parser()
+    args = parser.parse_args(argv)
+    if args.model.startswith(("builtin/", "tiny/")) and args.model not in builtin_names():
+        parser.exit(2, f"serve: error: unknown built-in model {args.model!r}; built-in: {', '.join(builtin_names())}\n")
+    from server import commands  # torch, diffusers: seconds
 
     commands.serve(args)
 

@@ -173,7 +173,7 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"serve: error: {exc}")
     settings = ServerSettings(
         model=args.model,
-        served_model_name=args.served_model_name or args.model,
+        served_model_names=tuple(args.served_model_name or [args.model]),
         host=args.host,
         port=args.port,
         api_key=args.api_key,

@@ -10,7 +10,7 @@ from server.lora_paths import LoraPathPolicy
 @dataclass(frozen=True)
 class ServerSettings:
     model: str
-    served_model_name: str
+    served_model_names: tuple[str, ...]  # what clients may call the model; the first is reported
     host: str = "127.0.0.1"
     port: int = 8091
     api_key: str | None = None
@@ -25,5 +25,9 @@ class ServerSettings:
     replica_name: str | None = None  # under Ray Serve: sent as x-ditserve-replica on every response
 
     @property
+    def served_model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
     def model_names(self) -> set[str]:
-        return {self.served_model_name, self.model}
+        return {*self.served_model_names, self.model}

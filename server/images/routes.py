@@ -111,7 +111,7 @@ def _sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: S
     model = api_request.model
     adapter = model if model in engine.loras.adapters else None
     if model is not None and adapter is None and model not in settings.model_names:
-        served = [settings.served_model_name, *engine.loras.names]
+        served = [*settings.served_model_names, *engine.loras.names]
         raise APIError(404, f"model {model!r} is not served here; available: {served}", "model", "model_not_found")
     if api_request.lora_scale is not None and adapter is None:
         raise invalid("lora_scale applies to the LoRA adapter named by model; use loras for others", "lora_scale")

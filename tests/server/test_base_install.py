@@ -51,10 +51,23 @@ def test_serve_and_ditserve_serve_are_ours_with_ray_installed():
         assert shown.returncode == 0 and "--tensor-parallel-size" in shown.stdout and "--replicas" in shown.stdout
 
 
+HEAVY = "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'engine'}))"
+
+
 def test_the_command_lines_parse_without_importing_the_engine():
     """`serve --help` and argument errors answer at once: parsing imports configs/ only."""
     check = ("import sys; from server.cli import build_parser, build_serve_parser; build_parser(); "
-             "build_serve_parser().parse_args(['tiny/z-image', '--tensor-parallel-size', '2']); "
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'engine'}))")
+             "args = build_serve_parser().parse_args(['tiny/z-image', '-tp', '2']); "
+             "assert args.tensor_parallel_size == 2; "
+             + HEAVY)
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_a_misspelt_builtin_model_fails_before_any_heavy_import_with_the_names():
+    check = ("import sys; from server.cli import serve_main\ntry: serve_main(['builtin/shape', '-tp', '2'])\n"
+             "except SystemExit as exc: print('exit', exc.code)\n" + HEAVY)
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["exit 2", "[]"], done.stdout + done.stderr[-2000:]
+    assert "unknown built-in model 'builtin/shape'" in done.stderr
+    assert "builtin/shapes" in done.stderr and "tiny/z-image" in done.stderr

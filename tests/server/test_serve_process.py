@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from tests.helpers import SERVE, ServerProcess
 from tests.helpers import b64_pixels as pixels
@@ -53,3 +54,14 @@ def test_bad_model_exits_nonzero_quickly_with_the_reason():
     assert done.returncode != 0
     assert "tiny/no-such-family" in done.stderr and "tiny/z-image" in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_ready_line_prints_a_curl_that_makes_an_image(z_image_server: ServerProcess, tmp_path):
+    """The command printed when the server is ready, pasted into a shell as it is."""
+    log = z_image_server.log()
+    command = log[log.index("ditserve ready:"):].split("\n")[1].strip()
+    assert command.startswith("curl ")
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "image.png") as image:
+        assert image.size == (128, 128)  # tiny/z-image's default

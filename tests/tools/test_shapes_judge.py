@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from configs import load_builtin_models
 from tools.shapes.judge import judge, score
-from tools.shapes.scenes import COLOURS, Scene, all_scenes, draw, held_out_triples
+from tools.shapes.scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, all_scenes, draw, held_out_triples
 
 
 def _box_blur(image: np.ndarray, size: int) -> np.ndarray:
@@ -56,3 +57,14 @@ def test_held_out_combinations_are_never_training_scenes():
     assert len(held_out) == 24
     training = {(s.colour, s.shape, s.position) for s in all_scenes(exclude=held_out)}
     assert not training & held_out and len(training) == 8 * 3 * 9 - 24
+
+
+def test_the_vocabulary_the_playground_offers_is_the_one_the_model_was_trained_on():
+    vocabulary = load_builtin_models()["shapes"].vocabulary
+    trained = {scene.caption() for scene in all_scenes()}
+    assert set(vocabulary["colour"]) == set(COLOURS) and set(vocabulary["shape"]) == set(SHAPES)
+    assert set(vocabulary["size"]) == set(SIZES) and len(vocabulary["position"]) == len(POSITIONS)
+    for position in vocabulary["position"]:
+        caption = f"a {vocabulary['size'][0]} red circle {position} on a black background"
+        assert caption in trained, caption
+    assert load_builtin_models()["shapes"].example_prompt in trained
