@@ -167,6 +167,11 @@ class FamilyConfig(_Strict):
     text: TextLimit
     # The fewest denoising steps the family's published scheduler handles (fewer give NaN sigmas).
     min_inference_steps: int = 1
+    # Pixels on a side of one DiT token: every family's VAE is 8x down, then 2x2 patches (or packing).
+    latent_patch_pixels: int = 16
+    # Where the pipeline resizes each input image to about this many pixels before the DiT reads it
+    # (Qwen-Image-Edit: 1024 x 1024, aspect kept, sides rounded to 32); elsewhere inputs take the output's size.
+    edit_condition_area: int | None = None
     tiny: TinyRecipe
 
     @property

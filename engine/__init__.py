@@ -15,10 +15,10 @@ from engine.errors import (
     WorkerGroupDied,
     WorkerStartupError,
 )
-from engine.intake.sampling import PromptInput
+from engine.intake.sampling import PromptInput, well_served_pixels
 from engine.models.resolver import ResolvedModel, resolve_model
 from engine.omni import Omni
-from engine.outputs import OmniRequestOutput, PartialImage
+from engine.outputs import OmniRequestOutput, PartialImage, TokenUsage
 from engine.parallel_config import DiffusionParallelConfig
 from engine.startup import EngineConfig
 
@@ -38,6 +38,8 @@ __all__ = [
     "Omni",
     "OmniDiffusionSamplingParams",
     "OmniRequestOutput",
+    "TokenUsage",
+    "well_served_pixels",
     "PartialImage",
     "PromptInput",
     "QueueFull",

@@ -179,7 +179,7 @@ class AsyncEngine:
             ) from None
         if isinstance(result, GenerationResult) and not pending.repeated:
             self.results.put(pending.repeat_key, result)
-        return output_from_result(pending.request, result, pending.submitted,
+        return output_from_result(self.model.family, pending.request, result, pending.submitted,
                                   queue_s=pending.started - pending.submitted, repeated=pending.repeated)
 
     async def load_lora(self, name: str, path: str) -> AdapterInfo:

@@ -74,7 +74,7 @@ class Omni:
                    for index, request in enumerate(requests)]
         try:
             deadline = None if self.config.request_timeout_s is None else started + self.config.request_timeout_s
-            return [output_from_result(request, _interruptible_result(future, deadline), started)
+            return [output_from_result(self.model.family, request, _interruptible_result(future, deadline), started)
                     for request, future in zip(requests, futures)]
         except BaseException:  # KeyboardInterrupt included: stop the work nobody will collect
             for request, future in zip(requests, futures):

@@ -9,9 +9,33 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from configs.families import FamilyConfig
 from engine.errors import error_for
+from engine.intake.token_counts import image_tokens
 from workers import GenerationFailure, GenerationPartial, GenerationRequest, GenerationResult
 from workers.prompt_cache import BytesLru, image_digest
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """OpenAI's images `usage`: prompt tokens as the text encoder reads them, image tokens as DiT
+    tokens (latent patches) of the input images and of the images made (engine/intake/token_counts.py)."""
+
+    text_tokens: int = 0
+    image_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        return self.text_tokens + self.image_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(self.text_tokens + other.text_tokens, self.image_tokens + other.image_tokens,
+                          self.output_tokens + other.output_tokens)
 
 
 @dataclass
@@ -25,6 +49,7 @@ class OmniRequestOutput:
     batch_images: int = 1  # images in the pipeline call that produced this output
     timings: dict[str, float] = field(default_factory=dict)  # total_s, inference_s, queue_s, step_s (mean)
     warnings: list[str] = field(default_factory=list)  # served, but not quite as asked (prompt truncated, ...)
+    usage: TokenUsage = TokenUsage()
 
 
 @dataclass
@@ -42,11 +67,11 @@ class PartialImage:
 
 
 def output_from_result(
-    request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float, queue_s: float = 0.0,
-    repeated: bool = False,
+    family: FamilyConfig, request: GenerationRequest, result: GenerationResult | GenerationFailure, submitted: float,
+    queue_s: float = 0.0, repeated: bool = False,
 ) -> OmniRequestOutput:
-    """The output for `request`, or raise the error its failure stands for. `repeated`: `result` is
-    an earlier identical request's, from the result cache."""
+    """The output for `request` to a model of `family`, or raise the error its failure stands for.
+    `repeated`: `result` is an earlier identical request's, from the result cache."""
     if isinstance(result, GenerationFailure):
         raise error_for(result)
     timings = {"total_s": time.perf_counter() - submitted, "inference_s": result.inference_s, "queue_s": queue_s}
@@ -54,6 +79,8 @@ def output_from_result(
         timings.update(inference_s=0.0, result_cache_hit=1)
     if result.step_s and not repeated:
         timings["step_s"] = sum(result.step_s) / len(result.step_s)
+    if not repeated:
+        timings.update(result.phases)
     if request.sampling.cache == "on":
         timings["cached_steps"] = result.cached_steps
     if result.prompt_cache_hits:
@@ -73,6 +100,8 @@ def output_from_result(
         batch_images=result.batch_images,
         timings=timings,
         warnings=list(request.warnings),
+        usage=TokenUsage(request.text_tokens, request.image_tokens,
+                         sum(image_tokens(family, image.width, image.height) for image in result.images)),
     )
 
 

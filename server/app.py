@@ -24,6 +24,7 @@ from server.errors import APIError, install_error_handlers
 from server.images.routes import images_router
 from server.images.store import DirectoryImageStore, ImageStore
 from server.lora_paths import LoraPathRefused
+from server.model_info import model_fields, model_info
 from server.openapi import install_openapi
 from server.playground import playground_router
 from server.request_recorder import RequestRecorder
@@ -138,11 +139,16 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     async def models() -> dict:
         """The base model, then each LoRA adapter as a model of its own (vLLM's shape: `parent`, `root`)."""
         base = {"id": settings.served_model_name, "object": "model", "created": started, "owned_by": "ditserve",
-                "root": settings.model, "parent": None}
+                "root": settings.model, "parent": None, "aliases": list(settings.served_model_names[1:]),
+                **model_fields(engine.model)}
         adapters = [{"id": adapter.name, "object": "model", "created": started, "owned_by": "ditserve",
                      "root": adapter.path, "parent": settings.served_model_name}
                     for adapter in engine.loras.adapters.values()]
         return {"object": "list", "data": [base, *adapters]}
+
+    @app.get("/v1/model_info", dependencies=[Depends(require_api_key)])
+    async def get_model_info() -> dict:
+        return model_info(settings, engine.model)
 
     if settings.enable_lora_loading:
         @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_api_key)])

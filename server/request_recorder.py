@@ -19,7 +19,8 @@ from engine.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ROUTES = {"/v1/images/generations": "generations", "/v1/images/edits": "edits"}
+IMAGE_ROUTES = {"/v1/images/generations": "generations", "/v1/images/edits": "edits",
+                "/v1/chat/completions": "chat_completions"}
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RequestLog:
 
     request_id: str
     fields: dict[str, object] = field(default_factory=dict)
+    received: float = field(default_factory=time.perf_counter)  # when the request arrived (Server-Timing)
 
     def add(self, **fields: object) -> None:
         self.fields.update(fields)
@@ -49,7 +51,7 @@ class RequestRecorder:
             return
         log = RequestLog(str(uuid.uuid4()))
         scope.setdefault("state", {})["request_log"] = log
-        started, status = time.perf_counter(), 500
+        started, status = log.received, 500
 
         async def send_with_id(message) -> None:
             nonlocal status

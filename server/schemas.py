@@ -177,6 +177,22 @@ class ImageData(BaseModel):
     seed: int = Field(description="the seed this image was drawn from: send it back to reproduce the image")
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's images usage; image tokens are DiT tokens (latent patches, 16 x 16 pixels)."""
+
+    input_tokens: int = Field(description="text_tokens + image_tokens")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="DiT tokens of the images made")
+    total_tokens: int
+    peak_memory_mb: float = Field(description="peak memory of the ranks that made the images (CUDA: allocated "
+                                              "during the request; CPU: the rank's resident peak)")
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
@@ -185,3 +201,5 @@ class ImagesResponse(BaseModel):
     quality: str
     background: Literal["opaque"]
     seed: int = Field(description="the request's seed; image i was drawn from seed + i")
+    usage: ImageUsage
+    peak_memory_mb: float = Field(description="as usage.peak_memory_mb (where SGLang's benchmark reads it)")

@@ -110,6 +110,8 @@ class GenerationRequest:
     pipeline: str = "main"  # the family's loaded pipeline, or one of its edit_pipelines (image-to-image, inpaint)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), added in this order
     warnings: tuple[str, ...] = ()  # for the caller (the engine's; ranks ignore them)
+    text_tokens: int = 0  # the prompt's tokens the text encoder reads, for the caller's usage
+    image_tokens: int = 0  # DiT tokens of the input images, for the caller's usage
 
     @property
     def image_seeds(self) -> list[int]:
@@ -185,7 +187,8 @@ class GenerationResult:
     cached_steps: int = 0  # steps whose (conditional) DiT call skipped its blocks (workers/step_cache.py)
     prompt_cache_hits: int = 0  # the batch's text-encoder calls answered from memory (workers/prompt_cache.py)
     compiled: CompileStats = CompileStats()  # what the batch compiled on rank 0 (a shape first seen)
-    peak_memory_bytes: int | None = None  # CUDA: rank 0's peak allocation during the batch (weights included)
+    phases: dict[str, float] = field(default_factory=dict)  # pre_denoise_s, denoise_s, post_denoise_s (PhaseClock)
+    peak_memory_bytes: int | None = None  # rank 0's peak: CUDA allocation during the batch, CPU resident so far
 
 
 @dataclass

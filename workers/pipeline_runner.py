@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,38 @@ class BatchCancelled(Exception):
 
 class NonFiniteLatents(RuntimeError):
     """The latents held NaN or inf after a step: the image would be black or noise, so it is not made."""
+
+
+class PhaseClock:
+    """Splits one pipeline call's time at its first DiT call and the end of its last step: before
+    (text encoding, latent and condition preparation), denoising, after (VAE decoding)."""
+
+    def __init__(self, dit: torch.nn.Module):
+        self.started, self.first_dit_call, self.last_step_end = time.perf_counter(), None, None
+        self._hook = dit.register_forward_pre_hook(self._dit_called)
+
+    def _dit_called(self, module, args) -> None:
+        if self.first_dit_call is None:
+            self.first_dit_call = time.perf_counter()
+
+    def step_ended(self) -> None:
+        self.last_step_end = time.perf_counter()
+
+    def phases(self) -> dict[str, float]:
+        """Seconds of each phase; none where the pipeline never reached the DiT (or reported no step)."""
+        self._hook.remove()
+        ended = time.perf_counter()
+        if self.first_dit_call is None or self.last_step_end is None:
+            return {}
+        return {"pre_denoise_s": self.first_dit_call - self.started,
+                "denoise_s": self.last_step_end - self.first_dit_call,
+                "post_denoise_s": ended - self.last_step_end}
+
+
+def _peak_memory_bytes(on_cuda: bool) -> int:
+    """CUDA: this rank's peak allocation since the batch began (weights included). CPU: the rank
+    process's peak resident memory so far, which bounds the batch's (Linux reports KiB)."""
+    return torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PipelineRunner:
@@ -117,6 +150,7 @@ class PipelineRunner:
 
         def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
             step_ends.append(time.perf_counter())
+            clock.step_ended()
             if self.dispatcher is not None:
                 self.dispatcher.check_settled()
             latents = tensors.get("latents")
@@ -145,7 +179,11 @@ class PipelineRunner:
         pipeline = self.pipeline_for(first.pipeline)
         if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
-        images = list(pipeline(**arguments, output_type="pil").images)
+        clock = PhaseClock(pipeline.transformer)
+        try:
+            images = list(pipeline(**arguments, output_type="pil").images)
+        finally:
+            phases = clock.phases()
         inference_s = time.perf_counter() - started
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
         step_cache = self.dispatcher.executor.step_cache if self.dispatcher is not None else None
@@ -174,7 +212,8 @@ class PipelineRunner:
                 cached_steps=cached_steps,
                 prompt_cache_hits=self.prompt_cache.hits,
                 compiled=compiled,
-                peak_memory_bytes=torch.cuda.max_memory_allocated() if on_cuda else None,
+                phases=phases,
+                peak_memory_bytes=_peak_memory_bytes(on_cuda),
             ))
             offset += count
         return results

@@ -14,6 +14,7 @@ from configs.caching import BLOCK_SKIPPING_BACKENDS
 from engine.errors import InvalidRequestError
 from engine.intake.masks import inpainting_mask
 from engine.intake.prompt_text import max_text_tokens, prompt_tokens
+from engine.intake.token_counts import input_image_tokens
 from engine.loras import LoraRegistry
 from engine.models.resolver import ResolvedModel
 from workers import GenerationRequest
@@ -103,7 +104,9 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         _check_strength(sampling)
         images, mask = _resized_to(sampling, prompt.images, mask)
         prompt = dataclasses.replace(prompt, images=images)
-    warnings = _warnings(model, prompt.prompt, sampling)
+    tokens = prompt_tokens(family, model.path, prompt.prompt)  # None where no tokenizer is on disk
+    warnings = _warnings(model, sampling, tokens)
+    tokens_read = min(tokens or 0, sampling.max_sequence_length or tokens or 0)  # the pipeline truncates
 
     negatives = (prompt.negative_prompt, params.negative_prompt, model.defaults.negative_prompt)
     return GenerationRequest(
@@ -117,6 +120,8 @@ def build_request(model: ResolvedModel, prompt: PromptInput, params: OmniDiffusi
         pipeline=pipeline,
         loras=loras,
         warnings=warnings,
+        text_tokens=tokens_read,
+        image_tokens=input_image_tokens(family, prompt.images),
     )
 
 
@@ -154,16 +159,22 @@ def _resized_to(sampling: SamplingParams, images: list[Image.Image],
     return resized, mask.resize(size, Image.Resampling.NEAREST) if mask is not None else None
 
 
-def _warnings(model: ResolvedModel, prompt: str, sampling: SamplingParams) -> tuple[str, ...]:
+def well_served_pixels(model: ResolvedModel) -> tuple[int, int] | None:
+    """The pixel counts (width x height) near enough the model's default size to be served without
+    a warning; None where the model has no default size."""
+    trained = (model.defaults.height or 0) * (model.defaults.width or 0)
+    return (trained // _SIZE_RATIO_WARNED, trained * _SIZE_RATIO_WARNED) if trained else None
+
+
+def _warnings(model: ResolvedModel, sampling: SamplingParams, tokens: int | None) -> tuple[str, ...]:
     """What a caller should know about a request that is served, but not quite as asked."""
     warnings = []
-    tokens = prompt_tokens(model.family, model.path, prompt)
     if tokens is not None and sampling.max_sequence_length is not None and tokens > sampling.max_sequence_length:
         warnings.append(f"prompt truncated: it has {tokens} tokens and the model reads the first "
                         f"{sampling.max_sequence_length} (max_sequence_length)")
-    trained = (model.defaults.height or 0) * (model.defaults.width or 0)
+    good = well_served_pixels(model)
     asked = (sampling.height or 0) * (sampling.width or 0)
-    if trained and asked and not trained / _SIZE_RATIO_WARNED <= asked <= trained * _SIZE_RATIO_WARNED:
+    if good and asked and not good[0] <= asked <= good[1]:
         warnings.append(f"size {sampling.width}x{sampling.height} is far from the {model.defaults.width}x"
                         f"{model.defaults.height} {model.name!r} is made for: expect a poor image")
     return tuple(warnings)

@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, OmniDiffusionSamplingParams, OmniRequestOutput, PromptInput
 from server.errors import APIError, invalid
+from server.images import report
 from server.images.codec import MEDIA_TYPES, decode_upload, encode
 from server.images.store import ImageStore
 from server.images.stream import stream_response, warning_headers
@@ -36,7 +37,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         if body.stream:
             return _stream(engine, settings, [prompt], body, params, log, "image_generation")
         outputs = await _generate_all(request, engine, settings, [prompt], body, params, log)
-        return await _response(request, response, body, outputs, store)
+        return await _response(request, response, body, outputs, store, log)
 
     @router.post(
         "/v1/images/edits", response_model_exclude_none=True,
@@ -57,7 +58,7 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
         if body.stream:
             return _stream(engine, settings, prompts, body, params, log, "image_edit")
         outputs = await _generate_all(request, engine, settings, prompts, body, params, log)
-        return await _response(request, response, body, outputs, store)
+        return await _response(request, response, body, outputs, store, log)
 
     return router
 
@@ -147,7 +148,7 @@ def _stream(engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptI
             params: OmniDiffusionSamplingParams, log: RequestLog, event_prefix: str) -> StreamingResponse:
     log.add(model=api_request.model or settings.served_model_name, size=api_request.size, n=api_request.n,
             stream=True, partial_images=api_request.partial_images or 0)
-    return stream_response(engine, prompts, api_request, params, event_prefix,
+    return stream_response(engine, prompts, api_request, params, event_prefix, log.received,
                            on_done=lambda outputs: _log_outputs(log, outputs))
 
 
@@ -168,9 +169,9 @@ async def _until_disconnected(request: Request) -> None:
 
 async def _response(
     request: Request, response: Response, api_request: ImageRequest, outputs: list[OmniRequestOutput],
-    store: ImageStore,
+    store: ImageStore, log: RequestLog,
 ) -> ImagesResponse:
-    """The body, and the warnings of every output in one header."""
+    """The body; the warnings of every output in one header, and the request's phases in Server-Timing."""
     response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
     fmt = api_request.output_format
     data = []
@@ -184,6 +185,7 @@ async def _response(
             else:
                 data.append(ImageData(b64_json=base64.b64encode(encoded).decode("ascii"), seed=seed))
     first = outputs[0].images[0]
+    response.headers.update(report.server_timing_header(report.timings_ms(outputs, log.received)))
     return ImagesResponse(
         created=int(time.time()),
         data=data,
@@ -192,4 +194,6 @@ async def _response(
         quality=api_request.quality or "auto",
         background="opaque",
         seed=outputs[0].seed,
+        usage=report.usage(outputs),
+        peak_memory_mb=report.peak_memory_mb(outputs),
     )

@@ -3,7 +3,9 @@
 Per image, up to `partial_images` events `image_generation.partial_image` (`image_edit.` for
 edits) as the previews arrive, then one `...completed` event. Every event also carries
 `image_index` (ditserve's extension: which of the request's images, counted over all prompts) so
-a client can tell the images of an n>1 request apart. An error after the stream started is an
+a client can tell the images of an n>1 request apart. A completed event carries the `usage` of the
+prompt its image belongs to and, as `server_timing`, the request's phases in milliseconds (the
+names of the Server-Timing header of a plain response). An error after the stream started is an
 `error` event with OpenAI's error body, which the SDK raises; a client that goes away cancels the
 request at its next step.
 """
@@ -22,17 +24,16 @@ from starlette.responses import StreamingResponse
 
 from engine import AsyncEngine, EngineError, OmniDiffusionSamplingParams, OmniRequestOutput, PartialImage, PromptInput
 from server.errors import APIError, api_error_for, error_body
+from server.images import report
 from server.images.codec import encode
 from server.schemas import ImageRequest
 
 logger = logging.getLogger(__name__)
-# Nothing is billed by token here; the SDK's event types require the fields.
-_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
-          "total_tokens": 0}
 
 
 def stream_response(engine: AsyncEngine, prompts: list[PromptInput], api_request: ImageRequest,
-                    params: OmniDiffusionSamplingParams, event_prefix: str, on_done) -> StreamingResponse:
+                    params: OmniDiffusionSamplingParams, event_prefix: str, received: float,
+                    on_done) -> StreamingResponse:
     """Admit every prompt now (so a bad or unservable request is a plain HTTP error), then stream."""
     events: asyncio.Queue[tuple[int, PartialImage]] = asyncio.Queue()
     admitted = []
@@ -44,7 +45,7 @@ def stream_response(engine: AsyncEngine, prompts: list[PromptInput], api_request
             engine.cancel(pending)
         raise
     n = params.num_outputs_per_prompt or 1
-    body = _event_stream(engine, admitted, events, api_request, event_prefix, n, on_done)
+    body = _event_stream(engine, admitted, events, api_request, event_prefix, n, received, on_done)
     warnings = [w for pending in admitted for w in pending.request.warnings]
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"cache-control": "no-cache", **warning_headers(warnings)})
@@ -57,7 +58,7 @@ def warning_headers(warnings: list[str]) -> dict[str, str]:
 
 
 async def _event_stream(engine: AsyncEngine, admitted: list, events: asyncio.Queue, api_request: ImageRequest,
-                        prefix: str, n: int, on_done) -> AsyncIterator[str]:
+                        prefix: str, n: int, received: float, on_done) -> AsyncIterator[str]:
     work = asyncio.ensure_future(asyncio.gather(*(engine.result(pending) for pending in admitted)))
     try:
         while not work.done() or not events.empty():
@@ -72,11 +73,13 @@ async def _event_stream(engine: AsyncEngine, admitted: list, events: asyncio.Que
                          image_index=prompt_index * n + partial.image_index, **fields)
         outputs: list[OmniRequestOutput] = work.result()
         on_done(outputs)
+        timings = report.timings_ms(outputs, received)
         for prompt_index, output in enumerate(outputs):
+            usage = report.usage([output]).model_dump()  # of the prompt this image belongs to
             for image_index, (image, seed) in enumerate(zip(output.images, output.seeds)):
                 fields = await _image_fields(image, api_request)
                 yield _event(f"{prefix}.completed", image_index=prompt_index * n + image_index, seed=seed,
-                             usage=_USAGE, **fields)
+                             usage=usage, server_timing=timings, **fields)
     except EngineError as exc:
         yield _error_event(api_error_for(exc))
     except APIError as exc:

@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+import transformers
 
 from engine import Omni, OmniDiffusionSamplingParams
 from tests.helpers import max_pixel_difference
@@ -27,10 +28,16 @@ def test_list_of_prompts_gives_one_output_each_in_order(omni):
     outputs = omni.generate(prompts, OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64))
     assert [o.prompt for o in outputs] == ["a red fox", "a blue whale", "a green frog"]
     assert len({o.request_id for o in outputs}) == 3
+    tokenizer = transformers.AutoTokenizer.from_pretrained(omni.model.path / "tokenizer")
     for output in outputs:
         uuid.UUID(output.request_id)
         assert output.images[0].size == (64, 64)
-        assert output.timings["inference_s"] > 0
+        timings = output.timings
+        phases = timings["pre_denoise_s"] + timings["denoise_s"] + timings["post_denoise_s"]
+        assert 0 < phases <= timings["inference_s"] <= timings["total_s"]
+        assert output.usage.text_tokens == len(tokenizer(output.prompt, add_special_tokens=False).input_ids) > 0
+        assert (output.usage.image_tokens, output.usage.output_tokens) == (0, (64 // 16) ** 2)
+        assert output.usage.total_tokens == output.usage.text_tokens + 16
 
 
 def test_unset_seed_is_chosen_and_reported_so_the_image_can_be_reproduced(omni):

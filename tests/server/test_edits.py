@@ -27,6 +27,9 @@ def test_edit_one_image(edit_server: ServerProcess, tmp_path):
     edited = decode(result.data[0].b64_json)
     assert edited.format == "PNG" and edited.size == (64, 64)
     assert result.data[0].model_extra["seed"] == 3
+    # the DiT reads the input as diffusers' Qwen-Image-Edit resizes it: about 1024 x 1024, in 16 x 16 patches
+    assert result.usage.input_tokens_details.image_tokens == (1024 // 16) ** 2
+    assert result.usage.output_tokens == (64 // 16) ** 2
 
 
 def test_edit_a_list_of_images_sends_image_brackets_and_edits_each(edit_server: ServerProcess):

@@ -37,7 +37,7 @@ def test_the_sdk_iterates_partials_then_completed_images_equal_to_the_unstreamed
     for event in events:
         assert decoded(event.b64_json).size == (96, 64) and event.size == "96x64"
     completed = [e for e in events if e.type == "image_generation.completed"]
-    assert completed[0].usage.total_tokens == 0
+    assert completed[0].usage.output_tokens == 2 * (96 // 16) * (64 // 16) and completed[0].usage.input_tokens > 0
     plain = client(z_image_server).images.generate(model="tiny/z-image", prompt="a red cube", size="96x64", n=2,
                                                    extra_body=STEPS)
     for streamed, unstreamed in zip(completed, plain.data):
