@@ -21,6 +21,7 @@ from configs import load_builtin_models
 from engine import AsyncEngine, EngineState
 from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
+from server.images.chat import chat_router
 from server.images.routes import images_router
 from server.images.store import DirectoryImageStore, ImageStore
 from server.lora_paths import LoraPathRefused
@@ -104,7 +105,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     app = FastAPI(title="ditserve", version=package_version(), lifespan=lifespan)
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, read_timeout_s=settings.read_timeout_s)
+    # a chat request carries its images inline, base64 (4/3 of the bytes): room for a few uploads
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, read_timeout_s=settings.read_timeout_s,
+                       path_limits={"/v1/chat/completions": settings.max_request_bytes + 4 * settings.max_upload_bytes})
     app.add_middleware(RequestRecorder, metrics=engine.metrics,
                        headers={"x-ditserve-replica": settings.replica_name} if settings.replica_name else {})
     started = int(time.time())
@@ -171,6 +174,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     store = (DirectoryImageStore(Path(settings.image_store_dir), ttl_s=settings.url_ttl_s)
              if settings.image_store_dir else ImageStore(ttl_s=settings.url_ttl_s))
     app.include_router(images_router(engine, settings, store), dependencies=[Depends(require_api_key)])
+    app.include_router(chat_router(engine, settings), dependencies=[Depends(require_api_key)])
 
     @app.get("/files/images/{token}", include_in_schema=False)
     async def image_file(token: str) -> Response:

@@ -18,28 +18,31 @@ class BodyLimit:
     received within `read_timeout_s` gets 408.
 
     Multipart bodies (edits) are streamed to their parser, which bounds each file itself
-    (--max-upload-bytes); every other body is read here, whole, up to the limit, and replayed."""
+    (--max-upload-bytes); every other body is read here, whole, up to the limit (or the path's own
+    in `path_limits`: JSON that carries images), and replayed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float, path_limits: dict[str, int] | None = None):
         self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _header(scope, b"content-type").startswith("multipart/form-data"):
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         declared = _header(scope, b"content-length")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send, int(declared))
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, int(declared), limit)
         try:
-            message = await asyncio.wait_for(self._read(receive), self.read_timeout_s)
+            message = await asyncio.wait_for(self._read(receive, limit), self.read_timeout_s)
         except asyncio.TimeoutError:
             error = APIError(408, f"the request body did not arrive within {self.read_timeout_s:g} s "
                                   "(--read-timeout)", code="request_timeout")
             return await error_response(error)(scope, receive, send)
         except _TooLarge as exc:
-            return await self._refuse(scope, receive, send, exc.size, "at least ")
+            return await self._refuse(scope, receive, send, exc.size, limit, "at least ")
         await self.app(scope, _replay([message], receive), send)
 
-    async def _read(self, receive: Receive) -> Message:
+    async def _read(self, receive: Receive, limit: int) -> Message:
         """The whole body as one message, or the disconnect that ended it; _TooLarge past the limit."""
         chunks, size, more = [], 0, True
         while more:
@@ -48,14 +51,16 @@ class BodyLimit:
                 return message
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
+            if size > limit:
                 raise _TooLarge(size)
             more = message.get("more_body", False)
         return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, qualifier: str = "") -> None:
-        error = APIError(413, f"request body is {qualifier}{size} bytes; the limit is {self.max_bytes} bytes "
-                              "(--max-request-bytes)", code="request_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, limit: int,
+                      qualifier: str = "") -> None:
+        option = "--max-request-bytes" if limit == self.max_bytes else "--max-upload-bytes, for inline images"
+        error = APIError(413, f"request body is {qualifier}{size} bytes; the limit is {limit} bytes ({option})",
+                         code="request_too_large")
         await error_response(error)(scope, receive, send)
 
 

@@ -30,4 +30,6 @@ class ServerSettings:
 
     @property
     def model_names(self) -> set[str]:
-        return {*self.served_model_names, self.model}
+        """Every name `model` may take: the served names, the path, and "default" (what SGLang's and
+        vLLM-Omni's benchmark clients send unless told the name)."""
+        return {*self.served_model_names, self.model, "default"}

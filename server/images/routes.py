@@ -28,15 +28,15 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     router = APIRouter()
 
     @router.post("/v1/images/generations", response_model_exclude_none=True,
-                 dependencies=[Depends(_requires_json)])
+                 dependencies=[Depends(requires_json)])
     async def generations(
         body: ImageGenerationRequest, request: Request, response: Response, log: RequestLog = Depends(request_log)
     ) -> ImagesResponse:
-        params = _sampling_params(body, engine, settings, edit=False)
+        params = sampling_params(body, engine, settings, edit=False)
         prompt = PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt)
         if body.stream:
             return _stream(engine, settings, [prompt], body, params, log, "image_generation")
-        outputs = await _generate_all(request, engine, settings, [prompt], body, params, log)
+        outputs = await generate_all(request, engine, settings, [prompt], body, params, log)
         return await _response(request, response, body, outputs, store, log)
 
     @router.post(
@@ -47,17 +47,13 @@ def images_router(engine: AsyncEngine, settings: ServerSettings, store: ImageSto
     async def edits(request: Request, response: Response, log: RequestLog = Depends(request_log)) -> ImagesResponse:
         fields, images, mask = await _multipart(request, settings.max_upload_bytes)
         body = ImageEditRequest.model_validate(fields)
-        params = _sampling_params(body, engine, settings, edit=True)
+        params = sampling_params(body, engine, settings, edit=True)
         if mask is not None and len(images) > 1:
             raise invalid(f"a mask applies to one image, but {len(images)} images were sent", "mask")
-        # The plus family (Qwen-Image-Edit-2509/2511) reads all images as conditions of one result;
-        # every other family edits each image on its own (n outputs per image).
-        groups = [images] if engine.model.family.edits_images_together else [[image] for image in images]
-        prompts = [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group, mask=mask)
-                   for group in groups]
+        prompts = edit_prompts(engine, body, images, mask)
         if body.stream:
             return _stream(engine, settings, prompts, body, params, log, "image_edit")
-        outputs = await _generate_all(request, engine, settings, prompts, body, params, log)
+        outputs = await generate_all(request, engine, settings, prompts, body, params, log)
         return await _response(request, response, body, outputs, store, log)
 
     return router
@@ -70,7 +66,7 @@ def _require_content_type(request: Request, expected: str) -> None:
                        code="unsupported_media_type")
 
 
-def _requires_json(request: Request) -> None:
+def requires_json(request: Request) -> None:
     _require_content_type(request, "application/json")
 
 
@@ -105,8 +101,16 @@ async def _multipart(request: Request, max_bytes: int):
     return fields, images, mask
 
 
-def _sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: ServerSettings,
-                     edit: bool) -> OmniDiffusionSamplingParams:
+def edit_prompts(engine: AsyncEngine, body: ImageRequest, images: list, mask=None) -> list[PromptInput]:
+    """The plus family (Qwen-Image-Edit-2509/2511) reads all images as conditions of one result;
+    every other family edits each image on its own (n outputs per image)."""
+    groups = [images] if engine.model.family.edits_images_together else [[image] for image in images]
+    return [PromptInput(prompt=body.prompt, negative_prompt=body.negative_prompt, images=group, mask=mask)
+            for group in groups]
+
+
+def sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: ServerSettings, edit: bool,
+                    how_to_edit: str = "use POST /v1/images/edits") -> OmniDiffusionSamplingParams:
     """The engine's parameters, after checking that `model` is served (the base model or a LoRA
     adapter of it) and fits the endpoint."""
     model = api_request.model
@@ -117,12 +121,12 @@ def _sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: S
     if api_request.lora_scale is not None and adapter is None:
         raise invalid("lora_scale applies to the LoRA adapter named by model; use loras for others", "lora_scale")
     if engine.model is not None and engine.model.family.is_edit and not edit:
-        raise invalid(f"model {settings.served_model_name!r} edits images: use POST /v1/images/edits", "model",
+        raise invalid(f"model {settings.served_model_name!r} edits images: {how_to_edit}", "model",
                       "unsupported_endpoint")
     return api_request.sampling_params(adapter)
 
 
-async def _generate_all(
+async def generate_all(
     request: Request, engine: AsyncEngine, settings: ServerSettings, prompts: list[PromptInput],
     api_request: ImageRequest, params: OmniDiffusionSamplingParams, log: RequestLog,
 ) -> list[OmniRequestOutput]:

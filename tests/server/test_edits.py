@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -30,6 +32,27 @@ def test_edit_one_image(edit_server: ServerProcess, tmp_path):
     # the DiT reads the input as diffusers' Qwen-Image-Edit resizes it: about 1024 x 1024, in 16 x 16 patches
     assert result.usage.input_tokens_details.image_tokens == (1024 // 16) ** 2
     assert result.usage.output_tokens == (64 // 16) ** 2
+
+
+def test_chat_message_with_an_image_edits_it_as_the_edits_route_does(edit_server: ServerProcess):
+    """vLLM-Omni's chat shapes for edits: an image_url part with a data: URL, or its short {"image": b64}."""
+    _, data, _ = png_file("input.png", (200, 30, 30))
+    b64 = base64.b64encode(data).decode()
+    fields = {"height": 64, "width": 64, "seed": 3}
+    expected = decode(edit_server.client().images.edit(image=("in.png", data, "image/png"), prompt="make it blue",
+                                                       size="64x64", extra_body={"seed": 3}).data[0].b64_json)
+    for image_part in ({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}, {"image": b64}):
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "make it blue"}, image_part]}],
+                "extra_body": fields}
+        response = httpx.post(f"{edit_server.url}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        [part] = response.json()["choices"][0]["message"]["content"]
+        edited = decode(part["image_url"]["url"].removeprefix("data:image/png;base64,"))
+        assert edited.size == (64, 64) and edited.tobytes() == expected.tobytes()
+        assert response.json()["usage"]["prompt_tokens"] > (1024 // 16) ** 2  # the input image's DiT tokens
+    without_image = httpx.post(f"{edit_server.url}/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": "make it blue"}]})
+    assert without_image.status_code == 400 and "image_url" in without_image.json()["error"]["message"]
 
 
 def test_edit_a_list_of_images_sends_image_brackets_and_edits_each(edit_server: ServerProcess):

@@ -93,3 +93,69 @@ def test_models_list_the_aliases_and_what_the_playground_needs(z_image_server: S
     assert extra["trained_pixels"] == {"min": 128 * 128 // 4, "max": 128 * 128 * 4}
     with pytest.raises(openai.NotFoundError, match="gpt-image-1"):
         z_image_server.client().images.generate(model="dall-e-3", prompt=PROMPT, size="64x64")
+
+
+def chat_images(completion: dict) -> list:
+    """The images of a chat completion: data: URLs in image_url parts."""
+    parts = completion["choices"][0]["message"]["content"]
+    assert all(part["type"] == "image_url" for part in parts)
+    return [decode_b64(part["image_url"]["url"].removeprefix("data:image/png;base64,")) for part in parts]
+
+
+def test_chat_completions_through_the_sdk_match_the_images_route(z_image_server: ServerProcess, tokenizer):
+    """The SDK's extra_body puts vLLM-Omni's generation fields at the top level of the body."""
+    client = z_image_server.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-image-1", messages=[{"role": "user", "content": PROMPT}], temperature=0.7,
+        extra_body={"height": 96, "width": 64, "num_outputs_per_prompt": 2, **STEPS})
+    completion = raw.parse()
+    images = chat_images(raw.http_response.json())
+    assert completion.object == "chat.completion" and completion.choices[0].finish_reason == "stop"
+    assert completion.model == "tiny/z-image"
+    assert [image.size for image in images] == [(64, 96)] * 2
+    assert completion.usage.prompt_tokens == text_tokens(tokenizer, PROMPT)
+    assert completion.usage.completion_tokens == 2 * (64 // 16) * (96 // 16)
+    assert completion.model_extra["peak_memory_mb"] > 0
+    assert_phases_fit(server_timing(raw.headers["server-timing"]))
+    same = client.images.generate(model="gpt-image-1", prompt=PROMPT, size="64x96", n=2, extra_body=STEPS)
+    assert [image.tobytes() for image in images] == [decode_b64(item.b64_json).tobytes() for item in same.data]
+
+
+def test_chat_completions_in_the_shapes_of_vllm_omni_docs(z_image_server: ServerProcess):
+    """No model (or the benchmark client's "default"), generation fields nested under "extra_body",
+    text as a string or as parts."""
+    fields = {"height": 64, "width": 64, "num_inference_steps": 2, "true_cfg_scale": 4.0, "seed": 42}
+    bodies = [
+        {"messages": [{"role": "user", "content": PROMPT}], "extra_body": fields},
+        {"model": "default", "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}],
+         "extra_body": fields},
+    ]
+    pictures = []
+    for body in bodies:
+        response = httpx.post(f"{z_image_server.url}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["peak_memory_mb"] > 0 and response.json()["id"].startswith("chatcmpl-")
+        [image] = chat_images(response.json())
+        assert image.size == (64, 64)
+        pictures.append(image.tobytes())
+    assert pictures[0] == pictures[1]
+
+
+@pytest.mark.parametrize(("change", "param", "says"), [
+    ({"stream": True}, "stream", "/v1/images/generations"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "text model"),
+    ({"modalities": ["text"]}, "modalities", "images only"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "text model"),
+    ({"seed": 1, "extra_body": {"seed": 2}}, "seed", "twice"),
+    ({"extra_body": {"num_frames": 8}}, "num_frames", "unknown parameter"),
+    ({"height": 64}, "width", "both"),
+    ({"messages": [{"role": "system", "content": "be brief"}]}, "messages", "no text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                                                 {"type": "text", "text": "a cat"}]}]}, "messages", "data: URL"),
+    ({"model": "dall-e-3"}, "model", "not served"),
+])
+def test_chat_completions_refuse_what_needs_a_text_model_or_is_wrong(z_image_server, change, param, says):
+    body = {"messages": [{"role": "user", "content": PROMPT}], "num_inference_steps": 1, **change}
+    response = httpx.post(f"{z_image_server.url}/v1/chat/completions", json=body, timeout=60)
+    error = response.json()["error"]
+    assert response.status_code in (400, 404) and error["param"] == param and says in error["message"], error
