@@ -223,6 +223,7 @@ class BuiltinModel(_Strict):
     trained_by: str
     defaults: OmniDiffusionSamplingParams
     vocabulary: dict[str, list[str]] = {}  # word kind -> the words its captions use
+    prompt_template: str | None = None  # a caption with {kind} for each vocabulary kind
     example_prompt: str | None = None
 
 

@@ -17,18 +17,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from configs import load_builtin_models
 from engine import AsyncEngine, EngineState
-from server.connection_limits import BodyLimit
 from server.errors import APIError, install_error_handlers
 from server.images.chat import chat_router
 from server.images.routes import images_router
 from server.images.store import DirectoryImageStore, ImageStore
 from server.lora_paths import LoraPathRefused
+from server.middleware.connection_limits import BodyLimit
+from server.middleware.request_recorder import RequestRecorder
 from server.model_info import model_fields, model_info
 from server.openapi import install_openapi
 from server.playground import playground_router
-from server.request_recorder import RequestRecorder
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def example_curl(settings: ServerSettings, edits: bool) -> str:
     """A command to paste into a shell: one image from the served model, written to image.png."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}/v1/images"
-    builtin = load_builtin_models().get(settings.model.removeprefix("builtin/"))
+    builtin = settings.builtin
     prompt = builtin.example_prompt if builtin and builtin.example_prompt else "a cat reading a book"
     auth = ' -H "Authorization: Bearer $DITSERVE_API_KEY"' if settings.api_key else ""
     if edits:
@@ -143,7 +142,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
         """The base model, then each LoRA adapter as a model of its own (vLLM's shape: `parent`, `root`)."""
         base = {"id": settings.served_model_name, "object": "model", "created": started, "owned_by": "ditserve",
                 "root": settings.model, "parent": None, "aliases": list(settings.served_model_names[1:]),
-                **model_fields(engine.model)}
+                **model_fields(settings, engine.model)}
         adapters = [{"id": adapter.name, "object": "model", "created": started, "owned_by": "ditserve",
                      "root": adapter.path, "parent": settings.served_model_name}
                     for adapter in engine.loras.adapters.values()]

@@ -23,8 +23,8 @@ from engine.loras import parse_lora_modules
 from engine.memory_report import format_report, memory_report
 from engine.models.tiny_models import TINY_PREFIX, write_tiny_model
 from server.app import create_app
-from server.connection_limits import http_protocol
 from server.lora_paths import LoraPathPolicy
+from server.middleware.connection_limits import http_protocol
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)

@@ -7,12 +7,16 @@ from engine import ResolvedModel, well_served_pixels
 from server.settings import ServerSettings
 
 
-def model_fields(model: ResolvedModel | None) -> dict:
-    """Family, defaults and size limits of the served model (none while it is not loaded)."""
+def model_fields(settings: ServerSettings, model: ResolvedModel | None) -> dict:
+    """Family, defaults and size limits of the served model (none while it is not loaded); for a
+    built-in model also the words it was trained on and how its captions put them together."""
     if model is None:
         return {}
     family, defaults = model.family, model.defaults
     good = well_served_pixels(model)
+    builtin = settings.builtin
+    words = {"vocabulary": builtin.vocabulary, "prompt_template": builtin.prompt_template,
+             "example_prompt": builtin.example_prompt} if builtin else {}
     return {
         "family": family.name,
         "task": family.task,
@@ -22,6 +26,7 @@ def model_fields(model: ResolvedModel | None) -> dict:
                         "multiple_of": family.size.multiple_of},
         # larger or smaller images than these pixel counts get a warning header: far from the training size
         "trained_pixels": {"min": good[0], "max": good[1]} if good else None,
+        **words,
     }
 
 
@@ -31,4 +36,4 @@ def model_info(settings: ServerSettings, model: ResolvedModel | None) -> dict:
     return {"model_path": settings.model, "tokenizer_path": tokenizer, "served_model_name": settings.served_model_name,
             "is_generation": True, "has_image_understanding": bool(model and model.family.is_edit),
             "model_type": model.family.name if model else None,
-            "architectures": [model.family.pipeline_class] if model else [], **model_fields(model)}
+            "architectures": [model.family.pipeline_class] if model else [], **model_fields(settings, model)}

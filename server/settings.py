@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from configs import BuiltinModel, load_builtin_models
 from server.lora_paths import LoraPathPolicy
 
 
@@ -27,6 +28,12 @@ class ServerSettings:
     @property
     def served_model_name(self) -> str:
         return self.served_model_names[0]
+
+    @property
+    def builtin(self) -> BuiltinModel | None:
+        """The served model's entry in configs/builtin.yaml, if it is one of ours ("builtin/<name>")."""
+        prefix, _, name = self.model.partition("/")
+        return load_builtin_models().get(name) if prefix == "builtin" else None
 
     @property
     def model_names(self) -> set[str]:

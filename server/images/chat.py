@@ -27,7 +27,7 @@ from server.images import report
 from server.images.codec import MEDIA_TYPES, decode_upload, encode
 from server.images.routes import edit_prompts, generate_all, requires_json, sampling_params
 from server.images.stream import warning_headers
-from server.request_recorder import RequestLog, request_log
+from server.middleware.request_recorder import RequestLog, request_log
 from server.schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest
 from server.settings import ServerSettings
 

@@ -17,7 +17,7 @@ from server.images import report
 from server.images.codec import MEDIA_TYPES, decode_upload, encode
 from server.images.store import ImageStore
 from server.images.stream import stream_response, warning_headers
-from server.request_recorder import RequestLog, request_log
+from server.middleware.request_recorder import RequestLog, request_log
 from server.schemas import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequest, ImagesResponse
 from server.settings import ServerSettings
 

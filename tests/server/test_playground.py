@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -131,6 +133,61 @@ def test_generate_streams_previews_then_the_image_the_api_gives_for_that_seed(pa
     assert "seed used: 17" in page.find_element(By.ID, "last-seed").text
     expected = _api_pixels(server, prompt=prompt, size="128x128", extra_body={"seed": 17, "num_inference_steps": 9})
     assert np.array_equal(_gallery_pixels(page), expected)
+
+
+def _click_chip(driver, kind: str, word: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, f'.chip[data-kind="{kind}"][data-word="{word}"]').click()
+
+
+def _run_snippet(command: list[str], folder) -> np.ndarray:
+    """Run a copied snippet in `folder` as a user would (the key in the environment): its image.png."""
+    done = subprocess.run(command, cwd=folder, env={**os.environ, "DITSERVE_API_KEY": API_KEY}, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    return np.asarray(Image.open(folder / "image.png").convert("RGB"), dtype=int)
+
+
+def test_chips_build_the_prompt_and_copied_commands_remake_the_image(page, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    assert page.find_element(By.ID, "prompt").get_attribute("value") == "a large red circle in the centre on a white " \
+                                                                         "background"  # the model's example
+    assert not page.find_element(By.ID, "live-heading").is_displayed()  # nothing live yet: no empty heading
+    for kind, word in (("size", "small"), ("colour", "green"), ("shape", "triangle"), ("position", "at the top right"),
+                       ("background", "black")):
+        _click_chip(page, kind, word)
+    prompt = "a small green triangle at the top right on a black background"
+    assert page.find_element(By.ID, "prompt").get_attribute("value") == prompt
+    pressed = [chip.text for chip in page.find_elements(By.CSS_SELECTOR, '.chip[aria-pressed="true"]')]
+    assert pressed == ["small", "green", "triangle", "at the top right", "black"]
+    _fill(page, size="128x128", steps="6", previews="0")
+    _fix_seed(page, 23)
+    page.find_element(By.ID, "generate").click()
+    _wait(page, lambda: page.find_elements(By.CSS_SELECTOR, "#gallery .result"))
+    tile = page.find_element(By.CSS_SELECTOR, "#gallery .result")
+    assert tile.find_element(By.CSS_SELECTOR, ".prompt").text == prompt
+    shown = _gallery_pixels(page)
+    tile.find_element(By.CSS_SELECTOR, ".copy-curl").click()
+    curl = tile.find_element(By.TAG_NAME, "pre").text
+    assert curl.startswith("curl ") and API_KEY not in curl and '"seed":23' in curl
+    (tmp_path / "curl").mkdir()
+    assert np.array_equal(_run_snippet(["bash", "-c", curl], tmp_path / "curl"), shown)
+    tile.find_element(By.CSS_SELECTOR, ".copy-python").click()
+    python = tile.find_element(By.TAG_NAME, "pre").text
+    (tmp_path / "python").mkdir()
+    assert np.array_equal(_run_snippet([sys.executable, "-c", python], tmp_path / "python"), shown)
+    page.save_screenshot(str(tmp_path / "copied.png"))
+
+    page.find_element(By.ID, "surprise").click()
+    surprise = page.find_element(By.ID, "prompt").get_attribute("value")
+    words = re.fullmatch(r"a (small|large) (\w+) (circle|square|triangle) (.+) on a (\w+) background", surprise)
+    assert words and words.group(2) != words.group(5), surprise  # never a shape the colour of its background
+    _fill(page, size="1024x1024")
+    warning = page.find_element(By.ID, "size-warning")
+    assert warning.is_displayed() and "128x128" in warning.text
+    page.save_screenshot(str(tmp_path / "size-warning.png"))
 
 
 def test_a_bad_size_shows_the_servers_error_message(page, server, tmp_path):

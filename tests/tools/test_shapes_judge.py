@@ -64,7 +64,10 @@ def test_the_vocabulary_the_playground_offers_is_the_one_the_model_was_trained_o
     trained = {scene.caption() for scene in all_scenes()}
     assert set(vocabulary["colour"]) == set(COLOURS) and set(vocabulary["shape"]) == set(SHAPES)
     assert set(vocabulary["size"]) == set(SIZES) and len(vocabulary["position"]) == len(POSITIONS)
+    assert vocabulary["background"] == vocabulary["colour"]
+    template = load_builtin_models()["shapes"].prompt_template
     for position in vocabulary["position"]:
-        caption = f"a {vocabulary['size'][0]} red circle {position} on a black background"
+        caption = template.format(size=vocabulary["size"][0], colour="red", shape="circle", position=position,
+                                  background="black")
         assert caption in trained, caption
     assert load_builtin_models()["shapes"].example_prompt in trained
