@@ -31,9 +31,12 @@ def model_fields(settings: ServerSettings, model: ResolvedModel | None) -> dict:
 
 
 def model_info(settings: ServerSettings, model: ResolvedModel | None) -> dict:
-    """SGLang's /v1/model_info shape (model_path, tokenizer_path, is_generation, ...) plus model_fields."""
+    """SGLang's /v1/model_info shape (model_path, tokenizer_path, is_generation, ...) plus model_fields.
+    model_path is the folder the weights were read from (a name `model` accepts too): SGLang's
+    benchmark client reads the task from a local folder and asks the hub only about other names."""
     tokenizer = str(model.path / model.family.text.tokenizer) if model is not None else None
-    return {"model_path": settings.model, "tokenizer_path": tokenizer, "served_model_name": settings.served_model_name,
+    return {"model_path": str(model.path) if model is not None else settings.model, "model": settings.model,
+            "tokenizer_path": tokenizer, "served_model_name": settings.served_model_name,
             "is_generation": True, "has_image_understanding": bool(model and model.family.is_edit),
             "model_type": model.family.name if model else None,
             "architectures": [model.family.pipeline_class] if model else [], **model_fields(settings, model)}

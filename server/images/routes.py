@@ -115,7 +115,8 @@ def sampling_params(api_request: ImageRequest, engine: AsyncEngine, settings: Se
     adapter of it) and fits the endpoint."""
     model = api_request.model
     adapter = model if model in engine.loras.adapters else None
-    if model is not None and adapter is None and model not in settings.model_names:
+    folder = {str(engine.model.path)} if engine.model is not None else set()  # what /v1/model_info calls model_path
+    if model is not None and adapter is None and model not in settings.model_names | folder:
         served = [*settings.served_model_names, *engine.loras.names]
         raise APIError(404, f"model {model!r} is not served here; available: {served}", "model", "model_not_found")
     if api_request.lora_scale is not None and adapter is None:

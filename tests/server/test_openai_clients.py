@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -41,8 +42,17 @@ def assert_phases_fit(timings: dict[str, float]) -> None:
 def tokenizer(z_image_server: ServerProcess):
     """The served model's own tokenizer, where GET /v1/model_info says it is."""
     info = httpx.get(f"{z_image_server.url}/v1/model_info").json()
-    assert info["model_path"] == "tiny/z-image" and info["model_type"] == "z-image" and info["is_generation"]
+    assert info["model"] == "tiny/z-image" and info["model_type"] == "z-image" and info["is_generation"]
     return transformers.AutoTokenizer.from_pretrained(info["tokenizer_path"])
+
+
+def test_model_info_names_a_local_folder_that_model_accepts(z_image_server: ServerProcess):
+    """SGLang's benchmark client sends /v1/model_info's model_path as `model` (and, for a folder,
+    never asks the hub what the model is)."""
+    folder = httpx.get(f"{z_image_server.url}/v1/model_info").json()["model_path"]
+    assert (Path(folder) / "model_index.json").is_file()
+    result = z_image_server.client().images.generate(model=folder, prompt=PROMPT, size="64x64", extra_body=STEPS)
+    assert decode_b64(result.data[0].b64_json).size == (64, 64)
 
 
 def text_tokens(tokenizer, prompt: str) -> int:
