@@ -4,7 +4,7 @@ Every layer may read this package; it imports nothing from server/, engine/ or w
 """
 
 from configs.caching import CACHE_BACKENDS, CacheSettings
-from configs.engine_options import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, EngineOptions
+from configs.engine_options import DEFAULT_MODEL, DTYPES, LOAD_FORMATS, SCHEDULING, EngineOptions
 from configs.families import (
     AttentionRule,
     BufferRule,
@@ -42,6 +42,7 @@ __all__ = [
     "DTYPES",
     "EngineOptions",
     "LOAD_FORMATS",
+    "SCHEDULING",
     "AttentionRule",
     "BufferRule",
     "BuiltinModel",

@@ -27,6 +27,9 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+SCHEDULING = ("request", "continuous")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: str = "auto"  # parameter dtype; auto: bfloat16 on CUDA, float32 on CPU
@@ -62,7 +65,12 @@ class EngineOptions:
     result_cache_bytes: int = 256 * 2**20
     # The online engine's queue (Omni runs the prompts of one call in order):
     max_queue_size: int = 64  # requests admitted at once (waiting or running); more get QueueFull (429)
-    max_batch_size: int = 8  # images per pipeline call
+    max_batch_size: int = 8  # images per pipeline call, and per merged DiT call with continuous scheduling
+    # "continuous": a request starts at the next denoising step of those running, and the DiT calls
+    # of running requests with the same shapes merge (workers/parallel/step_merger.py); "request":
+    # one pipeline call at a time, a request waits for the running one to finish.
+    scheduling: str = "request"
+    max_active_requests: int = 8  # continuous: pipeline calls running at once
     # False under a supervisor that replaces the whole server (a Ray Serve replica): a dead rank
     # leaves the engine FAILED instead of restarting the worker group in place
     restart_workers: bool = True
@@ -72,7 +80,9 @@ class EngineOptions:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}")
-        for name in ("max_queue_size", "max_batch_size", "max_loras", "max_lora_rank"):
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling={self.scheduling!r} is not one of {', '.join(SCHEDULING)}")
+        for name in ("max_queue_size", "max_batch_size", "max_loras", "max_lora_rank", "max_active_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("request_timeout_s", "max_megapixel_steps"):

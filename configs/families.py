@@ -159,6 +159,9 @@ class FamilyConfig(_Strict):
     tensor_parallel: TensorParallelPlan
     sequence_parallel: SequenceParallelPlan
     cfg_parallel: CfgParallelPlan
+    # The DiT forward's arguments that hold one entry per row (image or guidance branch): continuous
+    # scheduling concatenates them to merge calls; every other argument must be equal to merge.
+    per_sample_arguments: list[str]
     preview: PreviewPlan = PreviewPlan()
     # Pipelines built from the loaded one (diffusers' from_pipe: the same weights) for edits of
     # another kind: "image-to-image" (an image, no mask) and "inpaint" (an image and a mask).

@@ -46,7 +46,7 @@ class AsyncEngine:
         self.state = EngineState.LOADING
         self.model: ResolvedModel | None = None
         self.loras = LoraRegistry(config.max_loras, reserved_names={config.model})
-        self.scheduler = Scheduler(config.max_batch_size, self.metrics)
+        self.scheduler = Scheduler(config.max_batch_size, self.metrics, config.scheduling, config.max_active_requests)
         self.results = ResultCache(config.result_cache_bytes)
         self._fatal: str | None = None  # why loading or a restart failed
         self._group: WorkerGroup | None = None

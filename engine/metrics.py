@@ -19,11 +19,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("ditserve_queue_depth", "Requests waiting for a batch", registry=r)
-        self.running = Gauge("ditserve_running_requests", "Requests in the batch being computed", registry=r)
+        self.running = Gauge("ditserve_running_requests", "Requests being computed (with continuous scheduling, "
+                             "in every running pipeline call)", registry=r)
         self.queue_seconds = Histogram("ditserve_queue_wait_seconds", "Time from admission to the start of its batch",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_images = Histogram("ditserve_batch_images", "Images per pipeline call",
                                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.forward_rows = Histogram("ditserve_forward_rows", "Rows (images x guidance branches) per DiT forward "
+                                      "merged from running requests (continuous scheduling)",
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.merged_forwards = Counter("ditserve_merged_forwards", "DiT forwards that ran the calls of more than one "
+                                       "pipeline call (continuous scheduling)", registry=r)
         self.images = Counter("ditserve_images_generated", "Images produced", registry=r)
         self.step_seconds = Histogram("ditserve_step_seconds", "Duration of one denoising step of a batch",
                                       buckets=_STEP_BUCKETS, registry=r)

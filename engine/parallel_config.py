@@ -134,6 +134,8 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         prompt_cache_bytes=options.prompt_cache_bytes,
         compiled=on_cuda if options.enforce_eager is None else not options.enforce_eager,
         compile_cache_dir=options.compile_cache_dir or default_compile_cache_dir(),
+        scheduling=options.scheduling,
+        max_batch_size=options.max_batch_size,
     )
 
 

@@ -3,8 +3,14 @@ happens to a batch's results.
 
 A batch starts with the oldest waiting request and takes, in arrival order, every later request
 with the same batch key until it holds `max_batch_size` images. The oldest request always runs
-next, so no request waits behind others forever, whatever their parameters. At most one batch is on
-the ranks at a time. A shared batch that fails in the pipeline goes back to run each request alone.
+next, so no request waits behind others forever, whatever their parameters. A shared batch that
+fails in the pipeline goes back to run each request alone.
+
+Request scheduling: one batch on the ranks at a time. Continuous scheduling: up to
+`max_active` batches at once, each its own pipeline call on the driver, whose DiT calls merge step
+by step there (workers/parallel/step_merger.py); a batch joins the running ones only with the same
+LoRA adapters (they act on the whole DiT) and never with step caching on (one skip decision per
+call), so no picture depends on who else was running.
 """
 
 from __future__ import annotations
@@ -60,6 +66,14 @@ def batch_key(request: GenerationRequest) -> Hashable:
     return request.sampling, request.negative_prompt is None, request.loras
 
 
+def concurrency_key(pending: HasRequest) -> Hashable:
+    """Batches with equal keys may run at once (continuous scheduling)."""
+    request = pending.request
+    if pending.alone or request.sampling.cache == "on":
+        return ("alone", request.request_id)
+    return request.loras
+
+
 def take_batch(waiting: Sequence[HasRequest], max_images: int) -> list[HasRequest]:
     """The next batch: the oldest item plus compatible later ones (the oldest alone may exceed max_images)."""
     head = waiting[0]
@@ -84,11 +98,14 @@ def _failed_in_pipeline(result: object) -> bool:
 class Scheduler:
     """Owns the waiting and running requests; runs on the event loop."""
 
-    def __init__(self, max_batch_size: int, metrics: Metrics):
+    def __init__(self, max_batch_size: int, metrics: Metrics, scheduling: str = "request", max_active: int = 1):
         self.max_batch_size = max_batch_size
         self.metrics = metrics
+        self.continuous = scheduling == "continuous"
+        self.max_active = max_active if self.continuous else 1
         self.waiting: list[Pending] = []
         self.running: list[Pending] = []
+        self._in_flight: set[asyncio.Task] = set()  # continuous: the batches on the ranks
         self.wake = asyncio.Event()
         metrics.queue_depth.set_function(lambda: len(self.waiting))
         metrics.running.set_function(lambda: len(self.running))
@@ -114,9 +131,25 @@ class Scheduler:
             group.cancel(pending.request.request_id)
 
     async def run_waiting(self, group: WorkerGroup, can_run: Callable[[], bool]) -> None:
-        """Run batches until the queue is empty or `can_run()` turns false."""
-        while self.waiting and can_run():
-            await self._run_batch(group, take_batch(self.waiting, self.max_batch_size))
+        """Request scheduling: run batches until the queue is empty or `can_run()` turns false.
+        Continuous: start every batch that may join the running ones now; each wakes the loop when done."""
+        if not self.continuous:
+            while self.waiting and can_run():
+                await self._run_batch(group, take_batch(self.waiting, self.max_batch_size))
+            return
+        while self.waiting and can_run() and len(self._in_flight) < self.max_active:
+            batch = take_batch(self.waiting, self.max_batch_size)
+            if self.running and concurrency_key(batch[0]) != concurrency_key(self.running[0]):
+                return  # the oldest waits for the running ones to finish; nothing overtakes it
+            self.waiting = [p for p in self.waiting if p not in batch]
+            self.running.extend(batch)
+            task = asyncio.ensure_future(self._run_batch(group, batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self.wake.set()
 
     def fail_all(self, error: Exception) -> None:
         pending, self.waiting = [*self.waiting, *self.running], []
@@ -127,7 +160,7 @@ class Scheduler:
     async def _run_batch(self, group: WorkerGroup, batch: list[Pending]) -> None:
         now = time.perf_counter()
         self.waiting = [p for p in self.waiting if p not in batch]
-        self.running = batch
+        self.running.extend(p for p in batch if p not in self.running)
         for pending in batch:
             pending.started = now
             self.metrics.queue_seconds.observe(now - pending.submitted)
@@ -137,7 +170,7 @@ class Scheduler:
         try:
             results = await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
         finally:
-            self.running = []
+            self.running = [p for p in self.running if p not in batch]
         retried = self._retry_alone(batch, results)
         for pending, result in zip(batch, results):
             if not pending.future.done() and pending not in retried:  # done: cancelled by its caller
@@ -167,6 +200,9 @@ class Scheduler:
         done = [r for r in results if isinstance(r, GenerationResult)]
         if done:
             self.metrics.batch_images.observe(done[0].batch_images)
+            for rows in done[0].forward_rows:
+                self.metrics.forward_rows.observe(rows)
+            self.metrics.merged_forwards.inc(done[0].merged_forwards)
             for seconds in done[0].step_s:
                 self.metrics.step_seconds.observe(seconds)
             self.metrics.images.inc(sum(len(r.images) for r in done))

@@ -15,6 +15,7 @@ from configs import (
     DEFAULT_MODEL,
     DTYPES,
     LOAD_FORMATS,
+    SCHEDULING,
     EngineOptions,
     load_all_families,
     load_builtin_models,
@@ -93,6 +94,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=ENGINE.max_batch_size,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
                              f"and n run together (default {ENGINE.max_batch_size}; 1 turns batching off)")
+    parser.add_argument("--scheduling", default=ENGINE.scheduling, choices=SCHEDULING,
+                        help="continuous: a request joins the running ones at their next denoising step and DiT "
+                             "calls of equal shape run as one; request: one pipeline call at a time "
+                             f"(default {ENGINE.scheduling})")
+    parser.add_argument("--max-active-requests", type=int, default=ENGINE.max_active_requests,
+                        help="continuous scheduling: pipeline calls running at once "
+                             f"(default {ENGINE.max_active_requests})")
     parser.add_argument("--max-queue-size", type=int, default=ENGINE.max_queue_size,
                         help="requests admitted at once (waiting or running); more get 429 with Retry-After "
                              f"(default {ENGINE.max_queue_size})")

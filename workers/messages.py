@@ -79,6 +79,8 @@ class WorkerSpec:
     prompt_cache_bytes: int = EngineOptions.prompt_cache_bytes  # the driver's prompt-embedding cache
     compiled: bool = False  # torch.compile the DiT's repeated blocks
     compile_cache_dir: str | None = None  # where compiled graphs are kept across starts
+    scheduling: str = EngineOptions.scheduling  # "continuous": pipeline calls overlap, their DiT calls merge
+    max_batch_size: int = EngineOptions.max_batch_size  # with continuous scheduling: rows per merged DiT call
 
     @property
     def world_size(self) -> int:
@@ -189,6 +191,8 @@ class GenerationResult:
     compiled: CompileStats = CompileStats()  # what the batch compiled on rank 0 (a shape first seen)
     phases: dict[str, float] = field(default_factory=dict)  # pre_denoise_s, denoise_s, post_denoise_s (PhaseClock)
     peak_memory_bytes: int | None = None  # rank 0's peak: CUDA allocation during the batch, CPU resident so far
+    forward_rows: list[int] = field(default_factory=list)  # continuous scheduling: rows of the DiT calls run
+    merged_forwards: int = 0  # ... and how many of them merged more than one pipeline call
 
 
 @dataclass

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
 import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +19,7 @@ from configs import CacheSettings, load_family
 from configs.families import FamilyConfig, PreviewPlan
 from workers.lora.adapter_library import AdapterLibrary
 from workers.messages import GenerationBatch, GenerationPartial, GenerationResult, WorkerSpec
+from workers.parallel import forward_broadcast
 from workers.parallel.cfg_parallel import CfgDispatcher
 from workers.parallel.compiled_blocks import compile_stats
 from workers.partial_previews import PreviewDecoder, preview_steps
@@ -53,10 +57,11 @@ class PhaseClock:
 
     def __init__(self, dit: torch.nn.Module):
         self.started, self.first_dit_call, self.last_step_end = time.perf_counter(), None, None
+        self._thread = threading.get_ident()  # other threads' pipeline calls use the same DiT
         self._hook = dit.register_forward_pre_hook(self._dit_called)
 
     def _dit_called(self, module, args) -> None:
-        if self.first_dit_call is None:
+        if self.first_dit_call is None and threading.get_ident() == self._thread:
             self.first_dit_call = time.perf_counter()
 
     def step_ended(self) -> None:
@@ -85,8 +90,14 @@ class PipelineRunner:
 
     def __init__(self, pipeline: diffusers.DiffusionPipeline, dispatcher: CfgDispatcher | None = None,
                  family: FamilyConfig | None = None, adapters: AdapterLibrary | None = None,
-                 cache: CacheSettings = CacheSettings(), prompt_cache: PromptCache | None = None):
+                 cache: CacheSettings = CacheSettings(), prompt_cache: PromptCache | None = None,
+                 concurrent: bool = False):
+        """concurrent: several `run` calls at once, from several threads (continuous batching): each
+        gets a pipeline of its own around the shared models (its own scheduler state)."""
         self.pipeline = pipeline
+        self.concurrent = concurrent
+        if concurrent:
+            _one_call_at_a_time(pipeline.vae, ("encode", "decode"))
         self.cache = cache  # the server's step caching; each batch's requests may turn it off
         self.prompt_cache = prompt_cache or PromptCache(0)
         self.prompt_cache.install(pipeline, "main")
@@ -108,6 +119,20 @@ class PipelineRunner:
             self._pipelines[name] = pipeline
             self._accepted[name] = set(inspect.signature(pipeline.__call__).parameters)
         return self._pipelines[name]
+
+    def _pipeline_for_call(self, name: str) -> diffusers.DiffusionPipeline:
+        """The pipeline one call runs: the shared one, or with concurrent calls a copy of it with the
+        same models and a scheduler of its own (diffusers' schedulers keep the loop's state)."""
+        shared = self.pipeline_for(name)
+        if not self.concurrent:
+            return shared
+        pipeline = type(shared)(**{**shared.components, "scheduler": copy.deepcopy(shared.scheduler)})
+        pipeline.set_progress_bar_config(disable=True)
+        self.prompt_cache.install(pipeline, name)
+        encode = getattr(pipeline, "encode_prompt", None)
+        if encode is not None:  # text encoders broadcast their calls: one pipeline call's at a time
+            pipeline.encode_prompt = functools.wraps(encode)(lambda *args, **kwargs: _on_ranks(encode, args, kwargs))
+        return pipeline
 
     def _accepted_by(self, name: str) -> set[str]:
         self.pipeline_for(name)
@@ -148,9 +173,13 @@ class PipelineRunner:
         preview_at = preview_steps(sampling.num_inference_steps, sampling.partial_images) if on_partial else []
         previous: list[torch.Tensor] = []
 
+        merger = self.dispatcher.merger if self.dispatcher is not None else None
+
         def after_step(pipeline, step: int, timestep, tensors: dict) -> dict:
             step_ends.append(time.perf_counter())
             clock.step_ended()
+            if merger is not None and step + 1 == getattr(pipeline, "_num_timesteps", None):
+                merger.leave()  # its last DiT call is made: the others' steps stop waiting for it
             if self.dispatcher is not None:
                 self.dispatcher.check_settled()
             latents = tensors.get("latents")
@@ -161,7 +190,8 @@ class PipelineRunner:
             if should_stop():
                 raise BatchCancelled
             if step in preview_at:
-                self._send_previews(batch, previous.pop(), latents, preview_at.index(step), on_partial)
+                self._send_previews(batch, pipeline.scheduler, previous.pop(), latents, preview_at.index(step),
+                                    on_partial)
             if step + 1 in preview_at:
                 previous.append(latents.clone())
             return tensors
@@ -176,7 +206,7 @@ class PipelineRunner:
                                                                    first.negative_prompt),
                                   self.cache.for_request(first.sampling.cache, first.sampling.cache_threshold,
                                                          first.sampling.num_inference_steps), bool(first.loras))
-        pipeline = self.pipeline_for(first.pipeline)
+        pipeline = self._pipeline_for_call(first.pipeline)
         if "callback_on_step_end" in self._accepted_by(first.pipeline):
             arguments["callback_on_step_end"] = after_step
         clock = PhaseClock(pipeline.transformer)
@@ -184,6 +214,8 @@ class PipelineRunner:
             images = list(pipeline(**arguments, output_type="pil").images)
         finally:
             phases = clock.phases()
+            if merger is not None:
+                merger.leave()
         inference_s = time.perf_counter() - started
         step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
         step_cache = self.dispatcher.executor.step_cache if self.dispatcher is not None else None
@@ -199,6 +231,7 @@ class PipelineRunner:
             logger.info("batch of %d image(s) at %dx%d compiled %d graph(s) in %.1f s (%d read from the compile "
                         "cache)", len(images), sampling.width, sampling.height, compiled.graphs, compiled.seconds,
                         compiled.cache_hits)
+        forward_rows, merged = merger.drain() if merger is not None else ([], 0)
         results, offset = [], 0
         for request in batch.requests:
             count = request.sampling.num_outputs_per_prompt
@@ -214,16 +247,38 @@ class PipelineRunner:
                 compiled=compiled,
                 phases=phases,
                 peak_memory_bytes=_peak_memory_bytes(on_cuda),
+                forward_rows=forward_rows if not results else [],  # each forward counted once
+                merged_forwards=merged if not results else 0,
             ))
             offset += count
         return results
 
-    def _send_previews(self, batch: GenerationBatch, before: torch.Tensor, after: torch.Tensor, index: int,
-                       on_partial: Callable[[GenerationPartial], None]) -> None:
+    def _send_previews(self, batch: GenerationBatch, scheduler, before: torch.Tensor, after: torch.Tensor,
+                       index: int, on_partial: Callable[[GenerationPartial], None]) -> None:
         sampling = batch.requests[0].sampling
-        images = self.previews.decode(self.previews.clean_estimate(before, after), sampling.height, sampling.width)
+        images = self.previews.decode(self.previews.clean_estimate(before, after, scheduler), sampling.height,
+                                      sampling.width)
         offset = 0
         for request in batch.requests:
             for image_index in range(request.sampling.num_outputs_per_prompt):
                 on_partial(GenerationPartial(request.request_id, image_index, index, images[offset + image_index]))
             offset += request.sampling.num_outputs_per_prompt
+
+
+def _one_call_at_a_time(module: torch.nn.Module, methods: tuple[str, ...]) -> None:
+    """Serialise the threads' calls of `module`'s methods: Qwen-Image's VAE (a causal video VAE)
+    keeps a feature cache in the module while it encodes or decodes, so two at once corrupt both."""
+    lock = threading.Lock()
+    for name in methods:
+        method = getattr(module, name)
+
+        def serialised(*args, method=method, **kwargs):
+            with lock:
+                return method(*args, **kwargs)
+
+        setattr(module, name, functools.wraps(method)(serialised))
+
+
+def _on_ranks(function: Callable, args: tuple, kwargs: dict) -> Any:
+    with forward_broadcast.on_ranks():
+        return function(*args, **kwargs)

@@ -49,6 +49,7 @@ from workers.parallel.sharded_loading import (
     sharded_components,
     unsharded_models,
 )
+from workers.parallel.step_merger import StepMerger
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
 from workers.prompt_cache import PromptCache
 
@@ -80,20 +81,24 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
             for name in shards.keys() - {"transformer"}:  # the text-encoder shards the TP group runs together
                 forward_broadcast.install_driver_hook(name, shards[name])
             dispatcher = install_dispatcher("transformer", shards["transformer"], executor, family.cfg_parallel)
+            continuous = spec.scheduling == "continuous"
+            if continuous:
+                dispatcher.merger = StepMerger(dispatcher.run_on_ranks, executor.signature,
+                                               family.per_sample_arguments, spec.max_batch_size)
             pipeline = load_pipeline(spec, **components)
             components = pipeline.components
             store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
             adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
                                       broadcast=spec.world_size > 1)
             runner = PipelineRunner(pipeline, dispatcher, family, adapters, spec.cache,
-                                    PromptCache(spec.prompt_cache_bytes))
+                                    PromptCache(spec.prompt_cache_bytes), concurrent=continuous)
     except BaseException:
         events.put(WorkerStartupFailed(rank=rank, message=traceback.format_exc()))
         return
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components),
                            load_s_by_model=load_s))
     if rank == 0:
-        _drive(runner, channels, CancelledIds(channels.cancels))
+        (_drive_continuous if runner.concurrent else _drive)(runner, channels, CancelledIds(channels.cancels))
         if spec.world_size > 1 and not parallel_state.group_broken():
             forward_broadcast.ring(channels.doorbells)
             forward_broadcast.send(forward_broadcast.STOP)
@@ -202,8 +207,13 @@ class CancelledIds:
     def __init__(self, cancels):
         self._cancels = cancels
         self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()  # asked from every running pipeline call's thread
 
     def __contains__(self, request_id: str) -> bool:
+        with self._lock:
+            return self._contains(request_id)
+
+    def _contains(self, request_id: str) -> bool:
         while True:
             try:
                 self._ids[self._cancels.get_nowait()] = None
@@ -215,42 +225,143 @@ class CancelledIds:
 
 
 def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledIds) -> None:
-    """Driver loop: one batch at a time from the engine; None means stop.
+    """Driver loop of request scheduling: one batch at a time from the engine; None means stop.
 
     Cancellation is decided here, on rank 0 only, between denoising steps: followers simply never
     receive the next forward call, so the ranks cannot diverge. Followers are rung awake for each
     batch and sent back to their doorbell after it, so they never idle inside a collective.
     """
-    events = channels.events
     while True:
-        try:
-            batch = channels.requests.get(timeout=_POLL_S)
-        except queue.Empty:
+        item = _next_item(channels, _POLL_S)
+        if item is _NOTHING:
             if not _parent_alive():
                 return
             continue
-        if batch is None:
+        if item is None:
             return
-        if isinstance(batch, AdapterCommand):
-            forward_broadcast.ring(channels.doorbells)
-            done = _adapter_command(runner.adapters, batch)
-            runner.prompt_cache.clear()  # an adapter may change what a text encoder gives
-            fault = forward_broadcast.end_batch()
-            if fault is not None and done.error is None:
-                done = AdapterCommandDone(batch.request_id, error=fault, error_code="lora_load_failed")
-            events.put(done)
+        if isinstance(item, AdapterCommand):
+            _run_command(runner, channels, item)
             continue
-        live = []
-        for request in batch.requests:
-            if request.request_id in cancelled:
-                events.put(GenerationFailure(request.request_id, "cancelled before it started", FailureKind.CANCELLED))
-            else:
-                live.append(request)
+        live = _not_cancelled(item.requests, cancelled, channels.events)
         if live:
             for outcome in _run_batch(runner, live, channels, cancelled):
-                events.put(outcome)
+                channels.events.put(outcome)
             if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
                 return
+
+
+def _drive_continuous(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledIds) -> None:
+    """Driver loop of continuous scheduling: every batch runs in a thread of its own as soon as it
+    arrives (the engine bounds how many), and their DiT calls merge step by step (StepMerger).
+
+    The followers are rung when the first call starts and sent back to their doorbells when the last
+    one ends (a session). After a fault the session's running calls fail at their next collective;
+    new batches wait until it has ended and been settled, so they start on healthy ranks. An adapter
+    command also waits for the running calls, and runs alone."""
+    running: list[threading.Thread] = []
+    session = False
+
+    def end_session() -> None:
+        nonlocal session
+        for thread in running:
+            thread.join()
+        running.clear()
+        if session and not parallel_state.group_broken():
+            fault = forward_broadcast.end_batch()
+            if fault is not None:
+                logger.warning("a fault ended the running requests: %s", fault)
+        session = False
+
+    while True:
+        running[:] = [thread for thread in running if thread.is_alive()]
+        if session and not running:
+            end_session()
+        if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
+            return
+        item = _next_item(channels, 0.02 if running else _POLL_S)
+        if item is _NOTHING:
+            if not running and not _parent_alive():
+                return
+            continue
+        if item is None or isinstance(item, AdapterCommand) or parallel_state.faulted():
+            end_session()
+        if item is None:
+            return
+        if isinstance(item, AdapterCommand):
+            _run_command(runner, channels, item)
+            continue
+        live = _not_cancelled(item.requests, cancelled, channels.events)
+        if not live:
+            continue
+        if not session:
+            forward_broadcast.ring(channels.doorbells)
+            session = True
+        thread = threading.Thread(target=_run_and_report, args=(runner, live, channels, cancelled),
+                                  name=f"ditserve-call-{live[0].request_id[:8]}", daemon=True)
+        thread.start()
+        running.append(thread)
+
+
+_NOTHING = object()
+
+
+def _next_item(channels: RankChannels, timeout_s: float):
+    """The engine's next batch, command or None (stop); _NOTHING when none came in time."""
+    try:
+        return channels.requests.get(timeout=timeout_s)
+    except queue.Empty:
+        return _NOTHING
+
+
+def _not_cancelled(requests: list, cancelled: CancelledIds, events) -> list:
+    live = []
+    for request in requests:
+        if request.request_id in cancelled:
+            events.put(GenerationFailure(request.request_id, "cancelled before it started", FailureKind.CANCELLED))
+        else:
+            live.append(request)
+    return live
+
+
+def _run_command(runner: PipelineRunner, channels: RankChannels, command: AdapterCommand) -> None:
+    forward_broadcast.ring(channels.doorbells)
+    done = _adapter_command(runner.adapters, command)
+    runner.prompt_cache.clear()  # an adapter may change what a text encoder gives
+    fault = forward_broadcast.end_batch()
+    if fault is not None and done.error is None:
+        done = AdapterCommandDone(command.request_id, error=fault, error_code="lora_load_failed")
+    channels.events.put(done)
+
+
+def _run_and_report(runner: PipelineRunner, live: list, channels: RankChannels, cancelled: CancelledIds) -> None:
+    """A continuous-scheduling thread: one pipeline call, its outcomes sent as soon as it ends. An
+    error that reached the other ranks was reported to them where it happened (on_ranks)."""
+    results, error, kind = _run_call(runner, live, channels, cancelled)
+    outcomes = results if error is None else _failures(live, error, kind)
+    for outcome in outcomes:
+        channels.events.put(outcome)
+
+
+def _run_call(runner: PipelineRunner, live: list, channels: RankChannels, cancelled: CancelledIds,
+              report_faults: bool = False) -> tuple[list[GenerationResult], str | None, FailureKind]:
+    """One pipeline call: its results, or why it failed and how. `report_faults`: an error is reported
+    to every rank (request scheduling: the batch is all the ranks run)."""
+    try:
+        return list(runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live),
+                               channels.events.put)), None, FailureKind.PIPELINE_ERROR
+    except BatchCancelled:
+        return [], "cancelled", FailureKind.CANCELLED
+    except Exception as exc:
+        if not isinstance(exc, parallel_state.CollectivesAborted):
+            logger.exception("batch of %d request(s) failed", len(live))
+        kind = FailureKind.GROUP_BROKEN if parallel_state.group_broken() else FailureKind.PIPELINE_ERROR
+        if report_faults and kind is FailureKind.PIPELINE_ERROR and parallel_state.layout().world_size > 1:
+            parallel_state.report_fault(exc)
+        return [], f"{type(exc).__name__}: {exc}", kind
+
+
+def _failures(live: list, error: str, kind: FailureKind) -> list[GenerationFailure]:
+    return [GenerationFailure(request_id=r.request_id, message=error, kind=kind) for r in live]
 
 
 def _run_batch(runner: PipelineRunner, live: list, channels: RankChannels,
@@ -262,25 +373,9 @@ def _run_batch(runner: PipelineRunner, live: list, channels: RankChannels,
     next one (forward_broadcast.end_batch). Only a collective that failed outright (a peer died)
     leaves the group broken."""
     forward_broadcast.ring(channels.doorbells)
-    outcomes: list[GenerationResult | GenerationFailure] = []
-    error, kind = None, FailureKind.PIPELINE_ERROR
-    try:
-        outcomes = list(runner.run(GenerationBatch(live), lambda: all(r.request_id in cancelled for r in live),
-                                   channels.events.put))
-    except BatchCancelled:
-        error, kind = "cancelled", FailureKind.CANCELLED
-    except Exception as exc:
-        if not isinstance(exc, parallel_state.CollectivesAborted):
-            logger.exception("batch of %d request(s) failed", len(live))
-        error = f"{type(exc).__name__}: {exc}"
-        if parallel_state.group_broken():
-            kind = FailureKind.GROUP_BROKEN
-        elif parallel_state.layout().world_size > 1:
-            parallel_state.report_fault(exc)
+    results, error, kind = _run_call(runner, live, channels, cancelled, report_faults=True)
     if kind is not FailureKind.GROUP_BROKEN:
         fault = forward_broadcast.end_batch()
         if fault is not None and kind is FailureKind.PIPELINE_ERROR:
             error = fault
-    if error is None:
-        return outcomes
-    return [GenerationFailure(request_id=r.request_id, message=error, kind=kind) for r in live]
+    return results if error is None else _failures(live, error, kind)

@@ -95,9 +95,10 @@ class AdapterLibrary:
 
     def _send(self, command: tuple) -> None:
         """Apply on this rank and, with followers, broadcast (they must be awake: rung)."""
-        if self._broadcast:
-            forward_broadcast.send(forward_broadcast.ADAPTERS, command)
-        apply_command(self.store, command)
+        with forward_broadcast.on_ranks():
+            if self._broadcast:
+                forward_broadcast.send(forward_broadcast.ADAPTERS, command)
+            apply_command(self.store, command)
 
 
 def apply_command(store: AdapterStore, command: tuple) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from workers import testing_hooks
 from workers.parallel import forward_broadcast, parallel_state, sequence_parallel
 from workers.parallel.compiled_blocks import CompiledBlocks, eager_for
 from workers.parallel.step_cache import ROWS, StepCache
+from workers.parallel.step_merger import StepMerger
 
 logger = logging.getLogger(__name__)
 
@@ -92,36 +94,47 @@ def _with_tensors(output: tuple, tensors: list[torch.Tensor]) -> tuple:
     return (list(tensors) if isinstance(output[0], list) else tensors[0], *output[1:])
 
 
+class _CallState(threading.local):
+    """What the dispatcher knows about the pipeline call of the calling thread (with continuous
+    batching, several pipeline calls run at once, one per thread)."""
+
+    pairs = False
+    calls = 0  # in this pipeline call: with pairs, even calls are cond, odd ones uncond
+    pending: tuple[Call, torch.Tensor] | None = None
+
+
 class CfgDispatcher:
-    """The driver's DiT forward: decides how each call the pipeline makes is spread over the groups."""
+    """The driver's DiT forward: decides how each call the pipeline makes is spread over the groups.
+    With a `merger` (continuous batching), the per-group calls of concurrent pipeline calls meet
+    there and compatible ones run as one forward."""
 
     def __init__(self, name: str, executor: DitExecutor, plan: CfgParallelPlan):
         self.name, self.executor, self.plan = name, executor, plan
-        self._pairs = False
-        self._calls = 0  # in this batch: with pairs, even calls are cond, odd ones uncond
-        self._pending: tuple[Call, torch.Tensor] | None = None
+        self._state = _CallState()
         self._told_single = False
+        self.merger: StepMerger | None = None
 
     def begin(self, pairs: bool, cache: CacheSettings = CacheSettings(), adapters: bool = False) -> None:
         """Before each pipeline call: does it call the DiT twice per step (cond, uncond)? And, on
         every rank, its step-cache settings and whether LoRA adapters are active."""
-        self._pending = None
-        self._pairs, self._calls = pairs, 0
-        if parallel_state.layout().world_size > 1:
-            forward_broadcast.send(forward_broadcast.CACHE, (cache, adapters))
-        self.executor.begin(cache, adapters)
+        self._state.pending = None
+        self._state.pairs, self._state.calls = pairs, 0
+        with forward_broadcast.on_ranks():
+            if parallel_state.layout().world_size > 1:
+                forward_broadcast.send(forward_broadcast.CACHE, (cache, adapters))
+            self.executor.begin(cache, adapters)
 
     def check_settled(self) -> None:
         """After each step: a cond call whose uncond never came would leave a promise unread-but-used."""
-        if self._pending is not None:
-            self._pending = None
+        if self._state.pending is not None:
+            self._state.pending = None
             raise RuntimeError("CFG parallel: the pipeline made a cond DiT call without its uncond call this step")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._calls += 1
+        self._state.calls += 1
         if parallel_state.size_of("cfg") == 1:
             return self._run([(args, kwargs)], exchange=False, branches=[self._branch()])[0]
-        if self._pairs:
+        if self._state.pairs:
             return self._pair(args, kwargs)
         if self.plan.branches == "batched":
             return self._rows(args, kwargs)
@@ -136,18 +149,18 @@ class CfgDispatcher:
 
     def _branch(self) -> str:
         """The branch of a call that runs on group 0 alone: with pairs, cond and uncond alternate."""
-        if not self._pairs:
+        if not self._state.pairs:
             return ROWS
-        return "cond" if self._calls % 2 == 1 else "uncond"
+        return "cond" if self._state.calls % 2 == 1 else "uncond"
 
     def _pair(self, args: tuple, kwargs: dict) -> Any:
-        if self._pending is None:
+        if self._state.pending is None:
             hidden_states = self.executor.signature.bind(*args, **kwargs).arguments["hidden_states"]
             promise = torch.empty_like(hidden_states)
-            self._pending = ((args, kwargs), promise)
+            self._state.pending = ((args, kwargs), promise)
             return (promise,)
-        cond_call, promise = self._pending
-        self._pending = None
+        cond_call, promise = self._state.pending
+        self._state.pending = None
         cond, uncond = self._run([cond_call, (args, kwargs)], exchange=True, branches=["cond", "uncond"])
         if cond[0].shape != promise.shape or cond[0].dtype != promise.dtype:
             raise RuntimeError(f"CFG parallel: the DiT output {tuple(cond[0].shape)} {cond[0].dtype} does not have "
@@ -173,10 +186,17 @@ class CfgDispatcher:
         return (merged, *first[1:])
 
     def _run(self, calls: list[Call], exchange: bool, branches: list[str]) -> list[Any]:
+        if self.merger is not None:
+            return self.merger.run(calls, exchange, branches)
+        return self.run_on_ranks(calls, exchange, branches)
+
+    def run_on_ranks(self, calls: list[Call], exchange: bool, branches: list[str]) -> list[Any]:
+        """One forward on every rank: the followers get the calls, then this rank runs its part."""
         testing_hooks.hold_if_asked()
-        if parallel_state.layout().world_size > 1:
-            forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange, branches))
-        return self.executor(calls, exchange, branches)
+        with forward_broadcast.on_ranks():
+            if parallel_state.layout().world_size > 1:
+                forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange, branches))
+            return self.executor(calls, exchange, branches)
 
 
 def install_dispatcher(name: str, dit: nn.Module, executor: DitExecutor, plan: CfgParallelPlan) -> CfgDispatcher:

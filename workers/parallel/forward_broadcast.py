@@ -14,9 +14,11 @@ driver rings when a batch starts; it sends IDLE when the batch is done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,23 @@ from workers.parallel import parallel_state
 logger = logging.getLogger(__name__)
 
 FORWARD, ADAPTERS, CACHE, IDLE, STOP = "forward", "adapters", "cache", "idle", "stop"
+# Held by a driver thread from a broadcast until its local part has run: with continuous batching
+# several pipeline calls run on the driver at once, and the followers must see whole calls, in order.
+RANKS = threading.RLock()
+
+
+@contextlib.contextmanager
+def on_ranks() -> Iterator[None]:
+    """Driver side: hold RANKS for a broadcast and this rank's part of the call. An error inside (the
+    followers may be waiting in one of its collectives) is reported to every rank; one outside, in
+    the driver's own work between calls, concerns its pipeline call alone."""
+    with RANKS:
+        try:
+            yield
+        except Exception as exc:
+            if parallel_state.layout().world_size > 1 and not isinstance(exc, parallel_state.CollectivesAborted):
+                parallel_state.report_fault(exc)
+            raise
 _SETTINGS = (ADAPTERS, CACHE)  # commands a follower applies with handlers[command](tree)
 _DOORBELL_POLL_S = 1.0
 

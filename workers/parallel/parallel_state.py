@@ -259,6 +259,11 @@ def group_broken() -> bool:
     return _current().broken
 
 
+def faulted() -> bool:
+    """A rank reported a fault in the current batch: its collectives abort until it is settled."""
+    return _state is not None and bool(_state.fault_flag.value)
+
+
 def report_fault(error: BaseException) -> None:
     """This rank failed inside a batch. Every rank's collectives stop waiting (CollectivesAborted)
     until the batch ends, so no peer waits in one this rank will never join; an abort is not a

@@ -1,0 +1,155 @@
+"""Continuous scheduling: requests join the running ones at the next denoising step, their DiT calls
+merge, and every image is the image the request gets alone.
+
+Events, not seconds: a request "joins mid-way" once the running request's first preview arrived;
+"finishes first" is checked as the long request still running when the short one is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import AsyncEngine, DiffusionParallelConfig, OmniDiffusionSamplingParams, PromptInput
+from tests.engine.test_batching import started_engine
+from tests.helpers import condition_image, condition_images, max_pixel_difference
+
+SIZE = {"height": 64, "width": 64}
+
+
+def _merged_forwards(engine: AsyncEngine) -> float:
+    """DiT forwards so far that ran the calls of more than one request."""
+    return engine.metrics.registry.get_sample_value("ditserve_merged_forwards_total") or 0.0
+
+
+async def _first_preview(engine: AsyncEngine, prompt: PromptInput, params: OmniDiffusionSamplingParams):
+    """Start a request; return its task once its first preview arrived (it is denoising)."""
+    previewed = asyncio.Event()
+    task = asyncio.ensure_future(engine.generate(prompt, params, on_partial=lambda _: previewed.set()))
+    await previewed.wait()
+    return task
+
+
+def _requests(family: str) -> list[tuple[PromptInput, OmniDiffusionSamplingParams]]:
+    """Requests that differ in everything a request may: steps, guidance, seed, n, prompt length."""
+    images = condition_images(family)
+
+    def prompt(text: str, negative: str | None = None) -> PromptInput:
+        return PromptInput(text, negative, images=images)
+
+    return [  # the first and the last have prompts of one length: their DiT calls can merge
+        (prompt("a red fox", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=3, seed=2, **SIZE)),
+        (prompt("a whale in a very long and detailed ocean scene", "ugly"),
+         OmniDiffusionSamplingParams(num_inference_steps=5, seed=3, guidance_scale=2.5, true_cfg_scale=3.0, **SIZE)),
+        (prompt("sky", "dark"), OmniDiffusionSamplingParams(num_inference_steps=4, seed=4, num_outputs_per_prompt=2,
+                                                            **SIZE)),
+        (prompt("a red cat", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=4, seed=5, **SIZE)),
+    ]
+
+
+async def _joined_then_alone(family: str, **layout):
+    engine = await started_engine(model=f"tiny/{family}", scheduling="continuous", warm_up=False, **layout)
+    images = condition_images(family)
+    long = (PromptInput("a lighthouse on a cliff at night", "blurry", images=images),
+            OmniDiffusionSamplingParams(num_inference_steps=10, seed=1, partial_images=2, **SIZE))
+    try:
+        running = await _first_preview(engine, *long)
+        joined = await asyncio.gather(*(engine.generate(*request) for request in _requests(family)))
+        together = [await running, *joined]
+        merged = _merged_forwards(engine)
+        alone = [await engine.generate(*request) for request in [long, *_requests(family)]]
+    finally:
+        await engine.shutdown()
+    return together, alone, merged
+
+
+@pytest.mark.parametrize("family", ["z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux",
+                                    "sd3"])
+def test_a_request_that_joins_mid_way_gets_the_image_it_gets_alone(family):
+    together, alone, merged = asyncio.run(_joined_then_alone(family))
+    assert merged > 0, "no DiT call ran more than one request's rows"
+    for joined, single in zip(together, alone):
+        assert len(joined.images) == len(single.images) and joined.seeds == single.seeds
+        for a, b in zip(joined.images, single.images):
+            assert max_pixel_difference(a, b) <= 1
+
+
+def test_joining_in_a_hybrid_layout_changes_no_image():
+    """TP=2 x CFG-parallel 2: true-CFG pairs of several requests merge per guidance branch."""
+    together, alone, merged = asyncio.run(_joined_then_alone(
+        "qwen-image", parallel_config=DiffusionParallelConfig(tensor_parallel_size=2, cfg_parallel_size=2)))
+    assert merged > 0
+    for joined, single in zip(together, alone):
+        for a, b in zip(joined.images, single.images):
+            assert max_pixel_difference(a, b) <= 1
+
+
+async def _short_during_long():
+    engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False)
+    try:
+        long = await _first_preview(engine, PromptInput("a long walk on a beach"),
+                                    OmniDiffusionSamplingParams(num_inference_steps=200, partial_images=3, **SIZE))
+        short = await engine.generate(PromptInput("a cat"), OmniDiffusionSamplingParams(num_inference_steps=4, **SIZE))
+        long_still_running = not long.done()
+        long.cancel()
+        await asyncio.gather(long, return_exceptions=True)
+    finally:
+        await engine.shutdown()
+    return short, long_still_running
+
+
+def test_a_short_request_finishes_while_a_long_one_runs():
+    short, long_still_running = asyncio.run(_short_during_long())
+    assert len(short.images) == 1 and short.images[0].size == (64, 64)
+    assert long_still_running
+
+
+async def _cancel_one_of_a_shared_forward():
+    engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False)
+    kept = (PromptInput("a blue boat"), OmniDiffusionSamplingParams(num_inference_steps=12, seed=8, **SIZE))
+    try:
+        doomed = await _first_preview(engine, PromptInput("a blue boot"),
+                                      OmniDiffusionSamplingParams(num_inference_steps=12, seed=9, partial_images=3,
+                                                                  **SIZE))
+        survivor = asyncio.ensure_future(engine.generate(*kept))
+        previews = asyncio.Event()
+        joined = asyncio.ensure_future(engine.generate(
+            PromptInput("a blue boat"), OmniDiffusionSamplingParams(num_inference_steps=6, seed=10, partial_images=2,
+                                                                    **SIZE), on_partial=lambda _: previews.set()))
+        await previews.wait()  # all three are denoising together
+        doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)
+        results = [await survivor, await joined]
+        alone = await engine.generate(*kept)
+    finally:
+        await engine.shutdown()
+    return results, alone, doomed
+
+
+def test_cancelling_one_request_of_a_shared_forward_leaves_the_others_images():
+    (survivor, joined), alone, doomed = asyncio.run(_cancel_one_of_a_shared_forward())
+    assert doomed.cancelled()
+    assert max_pixel_difference(survivor.images[0], alone.images[0]) <= 1
+    assert joined.images[0].size == (64, 64)
+
+
+def test_an_edit_joins_generations_of_a_text_to_image_model():
+    """Image-to-image requests have their own pipeline calls: they run beside generations."""
+    async def run():
+        engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False)
+        edit = (PromptInput("a red square", images=[condition_image((64, 64))]),
+                OmniDiffusionSamplingParams(num_inference_steps=6, seed=3, strength=0.8, **SIZE))
+        try:
+            running = await _first_preview(engine, PromptInput("a yellow sun"),
+                                           OmniDiffusionSamplingParams(num_inference_steps=10, seed=1, partial_images=2,
+                                                                       **SIZE))
+            joined = await engine.generate(*edit)
+            await running
+            alone = await engine.generate(*edit)
+        finally:
+            await engine.shutdown()
+        return joined, alone
+
+    joined, alone = asyncio.run(run())
+    assert max_pixel_difference(joined.images[0], alone.images[0]) <= 1
