@@ -12,10 +12,11 @@ from engine.parallel_config import worker_spec
 
 
 @pytest.mark.parametrize("field,value", [("max_queue_size", 0), ("max_batch_size", 0), ("request_timeout_s", 0.0),
-                                         ("startup_timeout_s", -1.0)])
+                                         ("startup_timeout_s", -1.0), ("scheduling", "'eager'"),
+                                         ("max_active_requests", 0)])
 def test_engine_config_rejects_values_that_cannot_work(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
-        EngineConfig(model="tiny/z-image", **{field: value})
+        EngineConfig(model="tiny/z-image", **{field: value.strip("'") if isinstance(value, str) else value})
 
 
 def test_offload_settings_must_name_a_device():

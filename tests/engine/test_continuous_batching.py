@@ -8,11 +8,13 @@ Events, not seconds: a request "joins mid-way" once the running request's first 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from engine import AsyncEngine, DiffusionParallelConfig, OmniDiffusionSamplingParams, PromptInput
-from tests.engine.test_batching import started_engine
+from engine.scheduler import concurrency_key
+from tests.engine.test_batching import item, started_engine
 from tests.helpers import condition_image, condition_images, max_pixel_difference
 
 SIZE = {"height": 64, "width": 64}
@@ -29,6 +31,22 @@ async def _first_preview(engine: AsyncEngine, prompt: PromptInput, params: OmniD
     task = asyncio.ensure_future(engine.generate(prompt, params, on_partial=lambda _: previewed.set()))
     await previewed.wait()
     return task
+
+
+def test_only_batches_with_the_same_adapters_and_no_step_caching_run_at_once():
+    """Adapters act on the whole DiT and a skip decision is one per call: such batches take turns."""
+    plain, other_size = item("a"), item("b", steps=9, side=128)
+    styled, styled_too = item("c"), item("d")
+    for entry in (styled, styled_too):
+        entry.request.loras = (("style", 0.8),)
+    caching = item("e")
+    caching.request.sampling = dataclasses.replace(caching.request.sampling, cache="on")
+    assert concurrency_key(plain) == concurrency_key(other_size)
+    assert concurrency_key(styled) == concurrency_key(styled_too) != concurrency_key(plain)
+    assert concurrency_key(caching) != concurrency_key(item("e"))
+    retried = item("f")
+    retried.alone = True
+    assert concurrency_key(retried) != concurrency_key(plain)
 
 
 def _requests(family: str) -> list[tuple[PromptInput, OmniDiffusionSamplingParams]]:
