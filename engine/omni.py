@@ -30,11 +30,12 @@ class Omni:
         """options: any field of `configs.EngineOptions` (dtype, load_format, lora_modules,
         max_loras, text_encoder_offload, request_timeout_s, ...), with the same meaning as for
         the server. Two differ here: warm_up is off unless asked for, and the queue options
-        (max_queue_size, max_batch_size, restart_workers) have no effect: `generate` runs its
-        prompts in order. load_format="dummy" builds the full-size model from its configuration
-        with random weights (a published hub id needs nothing on disk): latency and memory at true
-        size. lora_modules: {name: path} of adapters to load now (more with `load_lora`); a
-        request uses them through OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
+        (max_queue_size, max_batch_size, scheduling, max_active_requests, restart_workers) have no
+        effect: `generate` runs its prompts in order. load_format="dummy" builds the full-size
+        model from its configuration with random weights (a published hub id needs nothing on
+        disk): latency and memory at true size. lora_modules: {name: path} of adapters to load now
+        (more with `load_lora`); a request uses them through
+        OmniDiffusionSamplingParams(loras=[LoraAdapter(name, scale)])."""
         self.config = EngineConfig(model=model, parallel_config=parallel_config or DiffusionParallelConfig(),
                                    **{"warm_up": False, **options})
         self.loras = LoraRegistry(self.config.max_loras, reserved_names={model})
