@@ -64,6 +64,7 @@ _FAILURE_ERRORS: dict[FailureKind, type[EngineError]] = {
     FailureKind.CANCELLED: RequestCancelled,
     FailureKind.GROUP_BROKEN: WorkerGroupDied,
     FailureKind.PIPELINE_ERROR: GenerationError,
+    FailureKind.INTERRUPTED: GenerationError,
 }
 
 

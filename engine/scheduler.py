@@ -95,6 +95,10 @@ def _failed_in_pipeline(result: object) -> bool:
     return isinstance(result, GenerationFailure) and result.kind is FailureKind.PIPELINE_ERROR
 
 
+def _interrupted(result: object) -> bool:
+    return isinstance(result, GenerationFailure) and result.kind is FailureKind.INTERRUPTED
+
+
 class Scheduler:
     """Owns the waiting and running requests; runs on the event loop."""
 
@@ -185,14 +189,18 @@ class Scheduler:
         input), its requests go back to the front of the queue to run one by one: the request that
         caused it fails again, alone; the others get the images they would have had (batching
         changes no image). Found by running each alone rather than by bisection: a batch holds at
-        most max_batch_size images, and each retry's answer is final."""
-        if len(batch) < 2 or not any(_failed_in_pipeline(result) for result in results):
+        most max_batch_size images, and each retry's answer is final. Under continuous scheduling a
+        request interrupted by a fault of the calls beside it (a merged forward that raised, or
+        collectives aborted by a rank's fault) runs again alone the same way."""
+        shared_failed = len(batch) > 1 and any(_failed_in_pipeline(result) for result in results)
+        retried = [p for p, result in zip(batch, results) if not p.future.done() and (
+            (shared_failed and _failed_in_pipeline(result)) or (_interrupted(result) and not p.alone))]
+        if not retried:
             return []
-        retried = [p for p, result in zip(batch, results) if _failed_in_pipeline(result) and not p.future.done()]
         for pending in retried:
             pending.alone = True
         logger.warning("a batch of %d requests failed (%s); running each alone", len(batch),
-                       next(r.message for r in results if _failed_in_pipeline(r)))
+                       next(r.message for r in results if _failed_in_pipeline(r) or _interrupted(r)))
         self.waiting[:0] = retried
         return retried
 

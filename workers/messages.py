@@ -211,6 +211,8 @@ class FailureKind(enum.Enum):
     CANCELLED = "cancelled"  # the engine cancelled it (client gone, timeout, Ctrl-C)
     GROUP_BROKEN = "group_broken"  # a collective failed: a peer rank died
     PIPELINE_ERROR = "pipeline_error"  # the pipeline raised for this batch; the group still serves
+    # continuous scheduling: another running call's fault stopped this one's collectives (run it again)
+    INTERRUPTED = "interrupted"
 
 
 @dataclass

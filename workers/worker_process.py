@@ -49,7 +49,7 @@ from workers.parallel.sharded_loading import (
     sharded_components,
     unsharded_models,
 )
-from workers.parallel.step_merger import StepMerger
+from workers.parallel.step_merger import SharedForwardFailed, StepMerger
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
 from workers.prompt_cache import PromptCache
 
@@ -355,6 +355,8 @@ def _run_call(runner: PipelineRunner, live: list, channels: RankChannels, cancel
         if not isinstance(exc, parallel_state.CollectivesAborted):
             logger.exception("batch of %d request(s) failed", len(live))
         kind = FailureKind.GROUP_BROKEN if parallel_state.group_broken() else FailureKind.PIPELINE_ERROR
+        if runner.concurrent and isinstance(exc, (parallel_state.CollectivesAborted, SharedForwardFailed)):
+            kind = FailureKind.INTERRUPTED  # maybe another call's fault: run again alone to tell
         if report_faults and kind is FailureKind.PIPELINE_ERROR and parallel_state.layout().world_size > 1:
             parallel_state.report_fault(exc)
         return [], f"{type(exc).__name__}: {exc}", kind

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 
 import pytest
 
 from engine import AsyncEngine, DiffusionParallelConfig, OmniDiffusionSamplingParams, PromptInput
 from engine.scheduler import concurrency_key
+from tests.conftest import FAULT_FILE
 from tests.engine.test_batching import item, started_engine
 from tests.helpers import condition_image, condition_images, max_pixel_difference
 
@@ -56,13 +58,13 @@ def _requests(family: str) -> list[tuple[PromptInput, OmniDiffusionSamplingParam
     def prompt(text: str, negative: str | None = None) -> PromptInput:
         return PromptInput(text, negative, images=images)
 
-    return [  # the first and the last have prompts of one length: their DiT calls can merge
-        (prompt("a red fox", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=3, seed=2, **SIZE)),
+    return [  # the first and the last have prompts of one length and start together: their DiT calls merge
+        (prompt("a red fox", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=6, seed=2, **SIZE)),
         (prompt("a whale in a very long and detailed ocean scene", "ugly"),
          OmniDiffusionSamplingParams(num_inference_steps=5, seed=3, guidance_scale=2.5, true_cfg_scale=3.0, **SIZE)),
         (prompt("sky", "dark"), OmniDiffusionSamplingParams(num_inference_steps=4, seed=4, num_outputs_per_prompt=2,
                                                             **SIZE)),
-        (prompt("a red cat", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=4, seed=5, **SIZE)),
+        (prompt("a red cat", "blurry"), OmniDiffusionSamplingParams(num_inference_steps=7, seed=5, **SIZE)),
     ]
 
 
@@ -106,6 +108,8 @@ def test_joining_in_a_hybrid_layout_changes_no_image():
 async def _short_during_long():
     engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False)
     try:
+        # the most steps a request may ask for; its first preview comes after step ~50, so the
+        # short one has ~150 rounds (one step each) to finish in
         long = await _first_preview(engine, PromptInput("a long walk on a beach"),
                                     OmniDiffusionSamplingParams(num_inference_steps=200, partial_images=3, **SIZE))
         short = await engine.generate(PromptInput("a cat"), OmniDiffusionSamplingParams(num_inference_steps=4, **SIZE))
@@ -171,3 +175,31 @@ def test_an_edit_joins_generations_of_a_text_to_image_model():
 
     joined, alone = asyncio.run(run())
     assert max_pixel_difference(joined.images[0], alone.images[0]) <= 1
+
+
+async def _a_fault_beside_running_requests(inject_fault):
+    engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False,
+                                  parallel_config=DiffusionParallelConfig(tensor_parallel_size=2))
+    requests = [(PromptInput("a red fox"), OmniDiffusionSamplingParams(num_inference_steps=8, seed=1, partial_images=2,
+                                                                        **SIZE)),
+                (PromptInput("a blue whale"), OmniDiffusionSamplingParams(num_inference_steps=6, seed=2, **SIZE))]
+    try:
+        alone = [await engine.generate(*request) for request in requests]
+        first = await _first_preview(engine, *requests[0])
+        second = asyncio.ensure_future(engine.generate(*requests[1]))
+        inject_fault(1)  # the follower raises in its next DiT forward, whoever's it is
+        together = [await first, await second]
+        restarts = engine.metrics.worker_restarts._value.get()
+        assert not os.path.exists(FAULT_FILE), "the fault never happened: nothing was interrupted"
+    finally:
+        await engine.shutdown()
+    return alone, together, restarts
+
+
+def test_requests_interrupted_by_a_rank_fault_run_again_alone(inject_fault):
+    """A fault stops every running call's collectives; none of them was the cause for sure, so each
+    runs again alone (and a request that caused it would fail there by itself)."""
+    alone, together, restarts = asyncio.run(_a_fault_beside_running_requests(inject_fault))
+    assert restarts == 0
+    for joined, single in zip(together, alone):
+        assert max_pixel_difference(joined.images[0], single.images[0]) <= 1

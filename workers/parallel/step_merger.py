@@ -29,6 +29,11 @@ Call = tuple[tuple, dict]
 _SMALL = 1 << 16  # non-batched tensors up to this many elements are compared by value (position ids)
 
 
+class SharedForwardFailed(RuntimeError):
+    """A merged forward raised: the calls in it cannot tell whose rows caused it (each runs again
+    alone, where the one at fault fails by itself)."""
+
+
 @dataclass(eq=False)
 class _Queued:
     calls: list[Call]
@@ -117,8 +122,9 @@ class StepMerger:
                 self.forward_rows.append(sum(offsets))
                 self.merged_forwards += len(group) > 1
         except BaseException as exc:  # noqa: BLE001 - every call of the forward fails with it
+            shared = SharedForwardFailed(f"{type(exc).__name__}: {exc}") if len(group) > 1 else exc
             for item in group:
-                item.error = exc
+                item.error = shared
         with self._lock:
             for item in group:
                 item.done, item.leads = True, False
