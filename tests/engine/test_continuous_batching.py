@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from engine import AsyncEngine, DiffusionParallelConfig, OmniDiffusionSamplingParams, PromptInput
+from engine import AsyncEngine, DiffusionParallelConfig, LoraAdapter, OmniDiffusionSamplingParams, PromptInput
 from engine.scheduler import concurrency_key
 from tests.conftest import FAULT_FILE
 from tests.engine.test_batching import item, started_engine
@@ -201,5 +201,37 @@ def test_requests_interrupted_by_a_rank_fault_run_again_alone(inject_fault):
     runs again alone (and a request that caused it would fail there by itself)."""
     alone, together, restarts = asyncio.run(_a_fault_beside_running_requests(inject_fault))
     assert restarts == 0
+    for joined, single in zip(together, alone):
+        assert max_pixel_difference(joined.images[0], single.images[0]) <= 1
+
+
+async def _adapters_while_running(paths: dict):
+    engine = await started_engine(model="tiny/z-image", scheduling="continuous", warm_up=False,
+                                  lora_modules={name: str(path) for name, path in paths.items()},
+                                  parallel_config=DiffusionParallelConfig(tensor_parallel_size=2))
+
+    def styled(name: str | None, seed: int, steps: int = 5, **extra) -> OmniDiffusionSamplingParams:
+        loras = [LoraAdapter(name, 1.0)] if name else None
+        return OmniDiffusionSamplingParams(num_inference_steps=steps, seed=seed, loras=loras, **SIZE, **extra)
+
+    requests = [(PromptInput("a red fox"), styled("a", 1, steps=8, partial_images=2)),
+                (PromptInput("a red cat"), styled("a", 2)), (PromptInput("a red cow"), styled("b", 3)),
+                (PromptInput("a red hen"), styled(None, 4))]
+    try:
+        alone = [await engine.generate(*request) for request in requests]
+        first = await _first_preview(engine, *requests[0])
+        others = await asyncio.gather(*(engine.generate(*request) for request in requests[1:]))
+        together = [await first, *others]
+        merged = _merged_forwards(engine)
+    finally:
+        await engine.shutdown()
+    return alone, together, merged
+
+
+def test_requests_with_other_adapters_take_turns_and_keep_their_images(adapters):
+    """At TP=2: a request with the running one's adapter joins it; one with another adapter (or none)
+    waits until the running ones finish. Every image equals its image alone."""
+    alone, together, merged = asyncio.run(_adapters_while_running(adapters("z-image")))
+    assert merged > 0  # the two "a" requests shared forwards
     for joined, single in zip(together, alone):
         assert max_pixel_difference(joined.images[0], single.images[0]) <= 1
