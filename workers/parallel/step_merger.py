@@ -136,16 +136,21 @@ class StepMerger:
         if len(group) == 1:
             return (group[0].calls,)
         merged = []
+        positions = list(self._signature.parameters)
         for index, (args, kwargs) in enumerate(group[0].calls):
-            bound = self._signature.bind(*args, **kwargs)
-            for name in self._per_sample & set(bound.arguments):
+            args, kwargs = list(args), dict(kwargs)  # the head's call, in its own form (positional or named)
+            for name in self._per_sample & set(self._signature.bind(*args, **kwargs).arguments):
                 values = [self._signature.bind(*item.calls[index][0], **item.calls[index][1]).arguments[name]
                           for item in group]
                 if values[0] is None:
                     continue
-                bound.arguments[name] = (torch.cat(values) if isinstance(values[0], torch.Tensor)
-                                         else [row for value in values for row in value])
-            merged.append((bound.args, bound.kwargs))
+                joined = torch.cat(values) if isinstance(values[0], torch.Tensor) else [
+                    row for value in values for row in value]
+                if name in kwargs:
+                    kwargs[name] = joined
+                else:
+                    args[positions.index(name)] = joined
+            merged.append((tuple(args), kwargs))
         return (merged,)
 
     def _describe(self, calls: list[Call], exchange: bool, branches: list[str]) -> tuple[Hashable, tuple[int, ...]]:
