@@ -6,8 +6,10 @@ steps 4 / 9 / 30 and n 1 / 1 / 2, arriving as a Poisson process at 50%, 70% and 
 capacity measured first (the mix run back to back under request scheduling). Columns: p50 and p99
 latency (admission to images), throughput (requests per second from the first arrival to the last
 answer), the mean rows per DiT forward (continuous) or images per pipeline call (request), and the
-ratio of continuous to request p99. A last table: a 4-step request sent while a --long-steps one
-runs (after its first preview), its latency under each scheduling.
+ratio of continuous to request p99: medians over --repeats, with [min-max] of the p99s and of the
+ratio (each repeat runs both schedulings back to back on one arrival schedule). A last table: a
+4-step request sent while a --long-steps one runs (after its first preview), its latency under
+each scheduling.
 
     python benchmarks/continuous_batching.py [--models tiny/z-image builtin/shapes] [--requests 24]
                                              [--loads 0.5 0.7 0.9] [--repeats 1] [--long-steps 60]
@@ -115,7 +117,8 @@ async def main(args: argparse.Namespace) -> None:
         try:
             rate = await capacity(engines["request"], model)
             print(f"\n## {model}: capacity {rate:.2f} req/s (request scheduling, one at a time)\n")
-            print("| load | scheduling | p50 s | p99 s | throughput req/s | mean rows per forward | p99 vs request |")
+            print("| load | scheduling | p50 s | p99 s [min-max] | throughput req/s | mean rows per forward | "
+                  "p99 vs request [min-max] |")
             print("|---|---|---|---|---|---|---|")
             for load in args.loads:
                 runs = {mode: [] for mode in engines}
@@ -125,9 +128,11 @@ async def main(args: argparse.Namespace) -> None:
                 medians = {mode: {key: statistics.median(run[key] for run in results) for key in results[0]}
                            for mode, results in runs.items()}
                 for mode, row in medians.items():
-                    ratio = row["p99"] / medians["request"]["p99"]
-                    print(f"| {load:.0%} | {mode} | {row['p50']:.2f} | {row['p99']:.2f} | {row['throughput']:.2f} | "
-                          f"{row['rows']:.2f} | {ratio:.2f}x |")
+                    p99s = [run["p99"] for run in runs[mode]]
+                    ratios = [mine["p99"] / theirs["p99"] for mine, theirs in zip(runs[mode], runs["request"])]
+                    print(f"| {load:.0%} | {mode} | {row['p50']:.2f} | {row['p99']:.2f} "
+                          f"[{min(p99s):.2f}-{max(p99s):.2f}] | {row['throughput']:.2f} | {row['rows']:.2f} | "
+                          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] |")
             latencies = {mode: await short_during_long(engine, model, args.long_steps)
                          for mode, engine in engines.items()}
             short_rows.append((model, latencies))
