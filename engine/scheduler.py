@@ -139,15 +139,14 @@ class Scheduler:
         Continuous: start every batch that may join the running ones now; each wakes the loop when done."""
         if not self.continuous:
             while self.waiting and can_run():
-                await self._run_batch(group, take_batch(self.waiting, self.max_batch_size))
+                batch = take_batch(self.waiting, self.max_batch_size)
+                await self._finish(batch, self._start(group, batch))
             return
         while self.waiting and can_run() and len(self._in_flight) < self.max_active:
             batch = take_batch(self.waiting, self.max_batch_size)
             if self.running and concurrency_key(batch[0]) != concurrency_key(self.running[0]):
                 return  # the oldest waits for the running ones to finish; nothing overtakes it
-            self.waiting = [p for p in self.waiting if p not in batch]
-            self.running.extend(batch)
-            task = asyncio.ensure_future(self._run_batch(group, batch))
+            task = asyncio.ensure_future(self._finish(batch, self._start(group, batch)))
             self._in_flight.add(task)
             task.add_done_callback(self._landed)
 
@@ -161,16 +160,20 @@ class Scheduler:
             if not item.future.done():
                 item.future.set_exception(error)
 
-    async def _run_batch(self, group: WorkerGroup, batch: list[Pending]) -> None:
+    def _start(self, group: WorkerGroup, batch: list[Pending]) -> list:
+        """Move the batch from waiting to running and send it to the ranks: its futures."""
         now = time.perf_counter()
         self.waiting = [p for p in self.waiting if p not in batch]
-        self.running.extend(p for p in batch if p not in self.running)
+        self.running.extend(batch)
         for pending in batch:
             pending.started = now
             self.metrics.queue_seconds.observe(now - pending.submitted)
         loop = asyncio.get_running_loop()
         handlers = {p.request.request_id: _on_loop(loop, p.on_partial) for p in batch if p.on_partial}
-        futures = group.submit(GenerationBatch([p.request for p in batch]), handlers)
+        return group.submit(GenerationBatch([p.request for p in batch]), handlers)
+
+    async def _finish(self, batch: list[Pending], futures: list) -> None:
+        """Wait for the batch's results and hand them to its requests (or queue them again alone)."""
         try:
             results = await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
         finally:
