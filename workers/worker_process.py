@@ -88,8 +88,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
             pipeline = load_pipeline(spec, **components)
             components = pipeline.components
             store = AdapterStore(components, getattr(torch, spec.dtype), parallel_state.device())
-            adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank,
-                                      broadcast=spec.world_size > 1)
+            adapters = AdapterLibrary(store, type(pipeline), spec.max_loras, spec.max_lora_rank)
             runner = PipelineRunner(pipeline, dispatcher, family, adapters, spec.cache,
                                     PromptCache(spec.prompt_cache_bytes), concurrent=continuous)
     except BaseException:

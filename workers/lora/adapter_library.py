@@ -29,11 +29,10 @@ class StoreAction(enum.Enum):
 
 
 class AdapterLibrary:
-    def __init__(self, store: AdapterStore, pipeline_class: type, max_loras: int, max_rank: int, broadcast: bool):
+    def __init__(self, store: AdapterStore, pipeline_class: type, max_loras: int, max_rank: int):
         self.store = store
         self._pipeline_class = pipeline_class
         self.max_loras, self.max_rank = max_loras, max_rank
-        self._broadcast = broadcast
         self.registered: dict[str, str] = {}  # name -> path
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # resident, oldest first
 
@@ -95,10 +94,7 @@ class AdapterLibrary:
 
     def _send(self, command: tuple) -> None:
         """Apply on this rank and, with followers, broadcast (they must be awake: rung)."""
-        with forward_broadcast.on_ranks():
-            if self._broadcast:
-                forward_broadcast.send(forward_broadcast.ADAPTERS, command)
-            apply_command(self.store, command)
+        forward_broadcast.everywhere(forward_broadcast.ADAPTERS, command, lambda: apply_command(self.store, command))
 
 
 def apply_command(store: AdapterStore, command: tuple) -> None:

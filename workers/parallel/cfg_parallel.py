@@ -119,10 +119,8 @@ class CfgDispatcher:
         every rank, its step-cache settings and whether LoRA adapters are active."""
         self._state.pending = None
         self._state.pairs, self._state.calls = pairs, 0
-        with forward_broadcast.on_ranks():
-            if parallel_state.layout().world_size > 1:
-                forward_broadcast.send(forward_broadcast.CACHE, (cache, adapters))
-            self.executor.begin(cache, adapters)
+        forward_broadcast.everywhere(forward_broadcast.CACHE, (cache, adapters),
+                                     lambda: self.executor.begin(cache, adapters))
 
     def check_settled(self) -> None:
         """After each step: a cond call whose uncond never came would leave a promise unread-but-used."""
@@ -193,10 +191,8 @@ class CfgDispatcher:
     def run_on_ranks(self, calls: list[Call], exchange: bool, branches: list[str]) -> list[Any]:
         """One forward on every rank: the followers get the calls, then this rank runs its part."""
         testing_hooks.hold_if_asked()
-        with forward_broadcast.on_ranks():
-            if parallel_state.layout().world_size > 1:
-                forward_broadcast.send(forward_broadcast.FORWARD, (self.name, calls, exchange, branches))
-            return self.executor(calls, exchange, branches)
+        return forward_broadcast.everywhere(forward_broadcast.FORWARD, (self.name, calls, exchange, branches),
+                                            lambda: self.executor(calls, exchange, branches))
 
 
 def install_dispatcher(name: str, dit: nn.Module, executor: DitExecutor, plan: CfgParallelPlan) -> CfgDispatcher:

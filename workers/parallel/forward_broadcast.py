@@ -48,6 +48,15 @@ def on_ranks() -> Iterator[None]:
             if parallel_state.layout().world_size > 1 and not isinstance(exc, parallel_state.CollectivesAborted):
                 parallel_state.report_fault(exc)
             raise
+
+
+def everywhere(command: str, tree: Any, here: Callable[[], Any]) -> Any:
+    """Driver side: send `command` and its tree to the followers (when there are any), then run
+    `here`, this rank's part, all inside on_ranks(); returns what `here` returns."""
+    with on_ranks():
+        if parallel_state.layout().world_size > 1:
+            send(command, tree)
+        return here()
 _SETTINGS = (ADAPTERS, CACHE)  # commands a follower applies with handlers[command](tree)
 _DOORBELL_POLL_S = 1.0
 
