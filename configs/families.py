@@ -236,6 +236,12 @@ def load_builtin_models() -> dict[str, BuiltinModel]:
     return {name: BuiltinModel.model_validate(entry) for name, entry in entries.items()}
 
 
+def builtin_model_entry(model: str) -> BuiltinModel | None:
+    """The configs/builtin.yaml entry a "builtin/<name>" model name stands for; None for any other name."""
+    prefix, _, name = model.partition("/")
+    return load_builtin_models().get(name) if prefix == "builtin" else None
+
+
 @functools.cache
 def load_published_models() -> dict[str, dict[str, Any]]:
     """Hub id -> {"pipeline_class": ..., component name: [library, class, config]} (configs/published.yaml)."""

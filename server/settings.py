@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs import BuiltinModel, load_builtin_models
+from configs import BuiltinModel, builtin_model_entry
 from server.lora_paths import LoraPathPolicy
 
 
@@ -32,8 +32,7 @@ class ServerSettings:
     @property
     def builtin(self) -> BuiltinModel | None:
         """The served model's entry in configs/builtin.yaml, if it is one of ours ("builtin/<name>")."""
-        prefix, _, name = self.model.partition("/")
-        return load_builtin_models().get(name) if prefix == "builtin" else None
+        return builtin_model_entry(self.model)
 
     @property
     def model_names(self) -> set[str]:

@@ -35,10 +35,9 @@ class PreviewDecoder:
     def __init__(self, pipeline: diffusers.DiffusionPipeline, plan: PreviewPlan):
         self.pipeline, self.plan = pipeline, plan
 
-    def clean_estimate(self, before: torch.Tensor, after: torch.Tensor, scheduler=None) -> torch.Tensor:
-        """x0 from the latents before and after the step `scheduler` (the running call's; by default
-        the pipeline's) just made."""
-        scheduler = scheduler or self.pipeline.scheduler
+    def clean_estimate(self, before: torch.Tensor, after: torch.Tensor, scheduler) -> torch.Tensor:
+        """x0 from the latents before and after the step `scheduler` (the running call's: with
+        concurrent calls each has its own) just made."""
         index = scheduler.step_index
         sigma_before, sigma_after = (float(s) for s in scheduler.sigmas[index - 1 : index + 1])
         velocity = (after.float() - before.float()) / (sigma_after - sigma_before)

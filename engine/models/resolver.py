@@ -18,6 +18,7 @@ import huggingface_hub
 from configs import (
     FamilyConfig,
     OmniDiffusionSamplingParams,
+    builtin_model_entry,
     family_for_pipeline_class,
     load_builtin_models,
     load_family,
@@ -66,7 +67,7 @@ def builtin_model_names() -> list[str]:
 
 
 def _builtin_model(model: str) -> ResolvedModel:
-    entry = load_builtin_models().get(model.removeprefix(BUILTIN_PREFIX))
+    entry = builtin_model_entry(model)
     if entry is None:
         raise ValueError(f"unknown built-in model {model!r}; built-in: {', '.join(builtin_model_names())}")
     path = BUILTIN_DIR / model.removeprefix(BUILTIN_PREFIX)
