@@ -25,8 +25,7 @@ from engine import AsyncEngine, OmniRequestOutput, PromptInput
 from server.errors import invalid
 from server.images import report
 from server.images.codec import MEDIA_TYPES, decode_upload, encode
-from server.images.routes import edit_prompts, generate_all, requires_json, sampling_params
-from server.images.stream import warning_headers
+from server.images.routes import answer_headers, edit_prompts, generate_all, requires_json, sampling_params
 from server.middleware.request_recorder import RequestLog, request_log
 from server.schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest
 from server.settings import ServerSettings
@@ -73,9 +72,8 @@ def chat_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         prompts = (edit_prompts(engine, api_request, images) if images else
                    [PromptInput(prompt=api_request.prompt, negative_prompt=api_request.negative_prompt)])
         outputs = await generate_all(request, engine, settings, prompts, api_request, params, log)
-        response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
         content = await _image_parts(outputs, api_request)
-        response.headers.update(report.server_timing_header(report.timings_ms(outputs, log.received)))
+        response.headers.update(answer_headers(outputs, log))
         adapter = api_request.model if api_request.model in engine.loras.adapters else None
         return _completion(adapter or settings.served_model_name, content, outputs)
 

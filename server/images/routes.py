@@ -172,12 +172,18 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
+def answer_headers(outputs: list[OmniRequestOutput], log: RequestLog) -> dict[str, str]:
+    """A whole answer's headers, once its images are encoded: the warnings of every output in one
+    header, and the request's phases until now in Server-Timing."""
+    return {**warning_headers([w for output in outputs for w in output.warnings]),
+            **report.server_timing_header(report.timings_ms(outputs, log.received))}
+
+
 async def _response(
     request: Request, response: Response, api_request: ImageRequest, outputs: list[OmniRequestOutput],
     store: ImageStore, log: RequestLog,
 ) -> ImagesResponse:
-    """The body; the warnings of every output in one header, and the request's phases in Server-Timing."""
-    response.headers.update(warning_headers([w for output in outputs for w in output.warnings]))
+    """The body, and answer_headers."""
     fmt = api_request.output_format
     data = []
     for output in outputs:
@@ -190,7 +196,7 @@ async def _response(
             else:
                 data.append(ImageData(b64_json=base64.b64encode(encoded).decode("ascii"), seed=seed))
     first = outputs[0].images[0]
-    response.headers.update(report.server_timing_header(report.timings_ms(outputs, log.received)))
+    response.headers.update(answer_headers(outputs, log))
     return ImagesResponse(
         created=int(time.time()),
         data=data,
