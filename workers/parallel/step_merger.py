@@ -139,9 +139,9 @@ class StepMerger:
         positions = list(self._signature.parameters)
         for index, (args, kwargs) in enumerate(group[0].calls):
             args, kwargs = list(args), dict(kwargs)  # the head's call, in its own form (positional or named)
-            for name in self._per_sample & set(self._signature.bind(*args, **kwargs).arguments):
-                values = [self._signature.bind(*item.calls[index][0], **item.calls[index][1]).arguments[name]
-                          for item in group]
+            bound = [self._signature.bind(*item.calls[index][0], **item.calls[index][1]).arguments for item in group]
+            for name in self._per_sample & set(bound[0]):
+                values = [arguments[name] for arguments in bound]
                 if values[0] is None:
                     continue
                 joined = torch.cat(values) if isinstance(values[0], torch.Tensor) else [
