@@ -28,12 +28,25 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 SCHEDULING = ("request", "continuous")
+QUANTIZATIONS = ("fp8", "int8", "gguf")  # vLLM's --quantization names; "gguf:Q4_K" names a dummy load's type
+
+
+def check_quantization(text: str | None) -> None:
+    if text and text.partition(":")[0].lower() not in QUANTIZATIONS:
+        raise ValueError(f"quantization={text!r} is not one of {', '.join(QUANTIZATIONS)} (or gguf:<type>)")
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: str = "auto"  # parameter dtype; auto: bfloat16 on CUDA, float32 on CPU
     load_format: str = "auto"  # "dummy": full-size random weights from the configurations, no checkpoint
+    # Weights kept quantized (workers/quantization/): "fp8", "int8" (per-channel, weight-only), "gguf"
+    # (the DiT from a .gguf file: the model folder's transformer/*.gguf or `transformer_file`)
+    quantization: str | None = None
+    transformer_file: str | None = None  # a .gguf file that replaces the model folder's transformer weights
+    # diffusers' VAE tiling (decode in overlapping tiles) and slicing (one image of a batch at a time)
+    vae_use_tiling: bool = False
+    vae_use_slicing: bool = False
     default_overrides: OmniDiffusionSamplingParams = field(default_factory=OmniDiffusionSamplingParams)
     # Reading 50+ GB of weights from a slow disk takes minutes; waiting for it costs nothing, because
     # the ranks that finish first wait outside any timed collective (forward_broadcast's doorbell).
@@ -94,6 +107,9 @@ class EngineOptions:
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be positive")
         CacheSettings.of(self.cache_backend, self.cache_config)  # an unknown backend or knob: ValueError
+        check_quantization(self.quantization)
+        if self.transformer_file and (self.quantization or "").partition(":")[0] != "gguf":
+            raise ValueError("transformer_file is a .gguf file: it needs quantization='gguf'")
         for size in self.warmup_sizes:
             parse_size(size)
 

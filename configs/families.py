@@ -137,6 +137,15 @@ class PreviewPlan(_Strict):
     frames: bool = False
 
 
+class QuantizationPlan(_Strict):
+    """What `--quantization fp8|int8` turns to 1 byte a weight: the linear layers of these components,
+    except those matching `keep` (small layers at the model's input and output, kept in the compute
+    dtype as the published FP8 releases keep them). A GGUF file decides for itself, tensor by tensor."""
+
+    components: list[str] = ["transformer"]
+    keep: list[str] = []
+
+
 class TinyRecipe(_Strict):
     """Numbers of the built-in tiny variant: component configs and sampling overrides."""
 
@@ -175,6 +184,7 @@ class FamilyConfig(_Strict):
     # Where the pipeline resizes each input image to about this many pixels before the DiT reads it
     # (Qwen-Image-Edit: 1024 x 1024, aspect kept, sides rounded to 32); elsewhere inputs take the output's size.
     edit_condition_area: int | None = None
+    quantization: QuantizationPlan = QuantizationPlan()
     tiny: TinyRecipe
 
     @property

@@ -18,18 +18,20 @@ from workers.planning import RankMemory, ShardedComponent, rank_memory
 
 def memory_report(
     model: ResolvedModel, layout: RankLayout | int, dtype: torch.dtype, ranks: Iterable[int] | None = None,
-    components: list[ShardedComponent] | None = None,
+    components: list[ShardedComponent] | None = None, quantization: str | None = None,
 ) -> list[RankMemory]:
-    """Bytes per rank as loading `model` under `layout` (or at a tensor-parallel size) holds them."""
+    """Bytes per rank as loading `model` under `layout` (or at a tensor-parallel size) holds them,
+    with its weights quantized as `quantization` (fp8, int8, gguf:<type>) asks."""
     layout = RankLayout(tensor_parallel_size=layout) if isinstance(layout, int) else layout
-    return rank_memory(model.family, model.path, layout, dtype, ranks, components)
+    return rank_memory(model.family, model.path, layout, dtype, ranks, components, quantization)
 
 
 def format_size(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
 
 
-def format_report(model: ResolvedModel, layout: RankLayout | int, dtype_name: str, ranks: list[RankMemory]) -> str:
+def format_report(model: ResolvedModel, layout: RankLayout | int, dtype_name: str, ranks: list[RankMemory],
+                  quantization: str | None = None) -> str:
     layout = RankLayout(tensor_parallel_size=layout) if isinstance(layout, int) else layout
     header = ("rank", "DiT shard", "DiT replicated", "text enc. shard", "text enc. whole", "VAE", "total")
     rows = [header] + [
@@ -38,6 +40,8 @@ def format_report(model: ResolvedModel, layout: RankLayout | int, dtype_name: st
         for r in ranks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [f"{model.name} ({model.family.name}), {layout.describe()}, {dtype_name} parameters"]
+    weights = f", {quantization} weights" if quantization else ""
+    lines = [f"{model.name} ({model.family.name}), {layout.describe()}, {dtype_name} parameters{weights}"]
     lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines += [f"note: {line}" for line in dict.fromkeys(line for r in ranks for line in r.moved_splits)]
     return "\n".join(lines)

@@ -106,7 +106,7 @@ def _fits_ulysses(model: ResolvedModel, tp: int, ulysses: int) -> bool:
 def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
                 options: EngineOptions = EngineOptions()) -> WorkerSpec:
     """One CUDA device per rank where the machine has GPUs, else the CPU with its cores shared between ranks."""
-    check_split(model, parallel)
+    check_split(model, parallel, options)
     offload = checked_offload(options.offload)
     world_size = parallel.world_size
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -127,6 +127,10 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         master_port=free_port(),
         threads_per_rank=max(1, usable_cores() // world_size),
         load_format=options.load_format,
+        quantization=options.quantization,
+        transformer_file=options.transformer_file,
+        vae_use_tiling=options.vae_use_tiling,
+        vae_use_slicing=options.vae_use_slicing,
         max_loras=options.max_loras,
         max_lora_rank=options.max_lora_rank,
         offload=offload,
@@ -156,11 +160,12 @@ def checked_offload(offload: dict[str, str | None]) -> dict[str, str]:
     return offload
 
 
-def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig) -> None:
-    """Fail before any process starts when a sharded component cannot be split over the TP ranks,
-    or the DiT's heads (per TP rank) over the Ulysses ranks."""
+def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig,
+                options: EngineOptions = EngineOptions()) -> None:
+    """Fail before any process starts when a sharded component cannot be split over the TP ranks
+    (in its GGUF blocks, if quantized so), or the DiT's heads (per TP rank) over the Ulysses ranks."""
     tp = parallel.tensor_parallel_size
-    check_tensor_split(model.family, model.path, tp)
+    check_tensor_split(model.family, model.path, tp, options.quantization, options.transformer_file)
     if parallel.ulysses_degree > 1:
         fewest = fewest_dit_heads(model.family, model.path, tp)
         if fewest < parallel.ulysses_degree:

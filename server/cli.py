@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("model", help="tiny/<family>, a diffusers folder (configs suffice) or a hub id")
     _add_layout_arguments(memory)
     memory.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    memory.add_argument("--quantization", "-q", default=None, metavar="fp8|int8|gguf[:TYPE]",
+                        help="the weights' bytes quantized so (gguf: the folder's .gguf file, else gguf:Q8_0, "
+                             "gguf:Q4_K...)")
     commands.add_parser("serve", add_help=False, help="the HTTP server: same as the `serve` command, a name no "
                         "other package's script can take (Ray installs a `serve` of its own)")
     return parser
@@ -91,6 +94,17 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default=ENGINE.load_format, choices=LOAD_FORMATS,
                         help="auto (default): read the checkpoint; dummy: build the full-size model from its "
                              "configuration with random weights (published hub ids need nothing on disk)")
+    parser.add_argument("--quantization", "-q", default=ENGINE.quantization, metavar="fp8|int8|gguf",
+                        help="keep weights quantized, sharded like their layers: fp8 (an FP8 checkpoint as stored, "
+                             "or a bf16 one quantized at load), int8 (per-channel, at load), gguf (the DiT from a "
+                             ".gguf file); with --load-format dummy, gguf:Q4_K picks the type")
+    parser.add_argument("--transformer-file", default=ENGINE.transformer_file, metavar="PATH.gguf",
+                        help="--quantization gguf: the DiT's .gguf file (default: the model folder's "
+                             "transformer/*.gguf)")
+    parser.add_argument("--vae-use-tiling", action="store_true",
+                        help="decode (and encode) large images in overlapping tiles: a bounded peak at any size")
+    parser.add_argument("--vae-use-slicing", action="store_true",
+                        help="decode the images of a batch one at a time")
     parser.add_argument("--max-batch-size", type=int, default=ENGINE.max_batch_size,
                         help="images per pipeline call: queued requests with the same size, steps, guidance "
                              f"and n run together (default {ENGINE.max_batch_size}; 1 turns batching off)")

@@ -38,8 +38,8 @@ def make_tiny(args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace) -> None:
     model = resolve_model(args.model, configs_only=True)
     layout = _parallel_config(args).layout
-    ranks = memory_report(model, layout, getattr(torch, args.dtype))
-    print(format_report(model, layout, args.dtype, ranks))
+    ranks = memory_report(model, layout, getattr(torch, args.dtype), quantization=args.quantization)
+    print(format_report(model, layout, args.dtype, ranks, args.quantization))
 
 
 def _parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:

@@ -72,6 +72,10 @@ class WorkerSpec:
     master_port: int
     threads_per_rank: int
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
+    quantization: str | None = EngineOptions.quantization  # "fp8", "int8", "gguf" (workers/quantization)
+    transformer_file: str | None = None  # the DiT's .gguf file, when not in the model folder
+    vae_use_tiling: bool = False
+    vae_use_slicing: bool = False
     max_loras: int = EngineOptions.max_loras
     max_lora_rank: int = EngineOptions.max_lora_rank
     offload: dict[str, str] = field(default_factory=dict)  # "text_encoder"/"vae" -> device kept on between uses

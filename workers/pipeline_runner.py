@@ -40,6 +40,10 @@ def load_pipeline(spec: WorkerSpec, **components: Any) -> diffusers.DiffusionPip
         spec.model_path, dtype=getattr(torch, spec.dtype), **components
     )
     pipeline.set_progress_bar_config(disable=True)
+    if spec.vae_use_tiling:
+        pipeline.vae.enable_tiling()
+    if spec.vae_use_slicing:
+        pipeline.vae.enable_slicing()
     return pipeline
 
 

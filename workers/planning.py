@@ -16,20 +16,29 @@ import torch
 
 from configs import FamilyConfig
 from workers.messages import RankLayout
-from workers.parallel.parallel_linear import shard_slices
+from workers.module_tree import owner_of
 from workers.parallel.sharded_loading import (
     ShardedComponent,
     build_meta_component,
     component_config,
+    dit_component,
+    open_checkpoint,
     parameter_dtype,
+    shard_on_meta,
     sharded_components,
     unsharded_models,
 )
-from workers.parallel.tensor_parallel import ShardPlanner, apply_plan, config_value, head_shares
+from workers.parallel.tensor_parallel import ShardPlanner, head_shares, layout_dims
+from workers.quantization.gguf_files import find_gguf
+from workers.quantization.schemes import Quantization
+from workers.quantization.weights import QuantizedWeight
+from workers.shard_slices import shard_slices
 
 
-def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_size: int) -> None:
-    """Raise ValueError (naming the component) when a sharded component cannot split over the TP ranks."""
+def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
+                       quantization: str | None = None, transformer_file: str | None = None) -> None:
+    """Raise ValueError (naming the component) when a sharded component cannot split over the TP
+    ranks, GGUF blocks included (those need the DiT built on meta and the file's header)."""
     for component in sharded_components(family, model_path):
         config = component_config(component.library, component.class_name, model_path / component.name)
         try:
@@ -38,6 +47,29 @@ def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_s
             if component.name == "transformer":
                 raise
             raise ValueError(f"{component.name} ({component.class_name}): {exc}") from None
+    asked = Quantization.parse(quantization, family.quantization)
+    if asked is not None and asked.method == "gguf" and tensor_parallel_size > 1:
+        _shard_dit_on_meta(family, model_path, tensor_parallel_size, asked, transformer_file)
+
+
+def _shard_dit_on_meta(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
+                       quantization: Quantization, transformer_file: str | None) -> list[str]:
+    component = dit_component(family)
+    directory = model_path / component.name
+    model = build_meta_component(component.library, component.class_name, directory)
+    checkpoint = _gguf_header(model, directory, component, quantization, transformer_file)
+    return shard_on_meta(model, component, 0, tensor_parallel_size, torch.float32, quantization, checkpoint)
+
+
+def _gguf_header(model, directory: Path, component: ShardedComponent, quantization: Quantization | None,
+                 transformer_file: str | None):
+    """The DiT's GGUF file when it is quantized that way and the file is here (its types decide
+    the blocks); None otherwise (a dummy load's types)."""
+    if quantization is None or quantization.method != "gguf" or not quantization.applies_to(component.name):
+        return None
+    if find_gguf(directory, transformer_file) is None:
+        return None
+    return open_checkpoint(model, directory, component, quantization, transformer_file)
 
 
 def fewest_dit_heads(family: FamilyConfig, model_path: Path, tensor_parallel_size: int) -> int:
@@ -46,8 +78,7 @@ def fewest_dit_heads(family: FamilyConfig, model_path: Path, tensor_parallel_siz
     config = component_config(component.library, component.class_name, model_path / component.name)
     fewest = []
     for layout in component.plan.layouts.values():
-        heads = config_value(config, layout.heads)
-        kv_heads = config_value(config, layout.kv_heads) if layout.kv_heads else heads
+        heads, kv_heads, _ = layout_dims(config, layout)
         shares = head_shares(heads, kv_heads, 1, tensor_parallel_size, layout.heads)
         fewest.append(min(share.local_heads for share in shares))
     return min(fewest)
@@ -61,6 +92,7 @@ class RankMemory:
     text_encoders_sharded: int
     text_encoders_replicated: int  # replicated parts of sharded encoders, plus whole encoders (rank 0)
     vae: int
+    moved_splits: tuple[str, ...] = ()  # splits quantization blocks made uneven (tensor_parallel.apply_plan)
 
     @property
     def dit(self) -> int:
@@ -79,7 +111,8 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes in tensor-parallel shards, bytes held whole), in the dtypes loading gives them."""
     sharded = whole = 0
     for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-        kept = tensor.dtype if not tensor.is_floating_point() else parameter_dtype(module, name, dtype)
+        stored = not tensor.is_floating_point() or isinstance(owner_of(module, name)[0], QuantizedWeight)
+        kept = tensor.dtype if stored else parameter_dtype(module, name, dtype)
         size = tensor.numel() * kept.itemsize
         if shard_slices(tensor) is not None:
             sharded += size
@@ -91,13 +124,16 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 def rank_memory(
     family: FamilyConfig, model_path: Path, layout: RankLayout, dtype: torch.dtype,
     ranks: Iterable[int] | None = None, components: list[ShardedComponent] | None = None,
+    quantization: str | None = None, transformer_file: str | None = None,
 ) -> list[RankMemory]:
     """Bytes per rank (all ranks, or those in `ranks`) as loading the model under `layout` holds them.
     Every rank holds its TP shard of the DiT (CFG and Ulysses groups replicate it); text encoders
     live on the driver's TP group only; the VAE on rank 0.
 
     components: what is sharded (default: as the ranks load it); the rest is held whole by rank 0.
+    quantization: as `--quantization` (a DiT GGUF file in the folder is read for its types).
     """
+    asked = Quantization.parse(quantization, family.quantization)
     world_size = layout.tensor_parallel_size
     components = sharded_components(family, model_path) if components is None else components
     sharded = {c.name: c for c in components}
@@ -108,13 +144,14 @@ def rank_memory(
     report = []
     for rank in range(layout.world_size) if ranks is None else ranks:
         cfg, ulysses, tp_rank = layout.coordinates(rank)
-        counts = {}
+        counts, moved = {}, []
         for name, component in sharded.items():
             if name != "transformer" and (cfg, ulysses) != (0, 0):
                 continue
             module = copy.deepcopy(built[name])  # cheaper than building again (tables computed at init)
-            if world_size > 1:
-                apply_plan(module, component.plan, tp_rank, world_size)
+            checkpoint = _gguf_header(module, model_path / name, component, asked, transformer_file)
+            moved.extend(f"{name}: {line}" for line in
+                         shard_on_meta(module, component, tp_rank, world_size, dtype, asked, checkpoint))
             counts[name] = _bytes(module, dtype)
         encoders = [counts[name] for name in counts if name != "transformer"]
         on_driver = rank == 0
@@ -125,5 +162,6 @@ def rank_memory(
             text_encoders_sharded=sum(s for s, _ in encoders),
             text_encoders_replicated=sum(r for _, r in encoders) + whole["transformers"] * on_driver,
             vae=whole["diffusers"] * on_driver,
+            moved_splits=tuple(moved),
         ))
     return report

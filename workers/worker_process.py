@@ -52,6 +52,7 @@ from workers.parallel.sharded_loading import (
 from workers.parallel.step_merger import SharedForwardFailed, StepMerger
 from workers.pipeline_runner import BatchCancelled, PipelineRunner, load_pipeline
 from workers.prompt_cache import PromptCache
+from workers.quantization.schemes import Quantization
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +120,21 @@ def _load_models(rank: int, spec: WorkerSpec) -> tuple[Models, Models, dict[str,
     > 1, the text encoders'. Whole, on rank 0: every other model of the pipeline (the VAE, text
     encoders without a TP plan or at TP=1). Offloaded models load straight to their home device."""
     dummy = spec.load_format == "dummy"
-    components = sharded_components(load_family(spec.family_name), spec.model_path)
+    family = load_family(spec.family_name)
+    quantization = Quantization.parse(spec.quantization, family.quantization)
+    components = sharded_components(family, spec.model_path)
     tp_rank, tp_size = parallel_state.rank_in("tp"), parallel_state.size_of("tp")
     in_driver_group = parallel_state.rank_in("cfg") == 0 and parallel_state.rank_in("ulysses") == 0
-    if not in_driver_group or tp_size == 1:
-        components = components[:1]
+    components = [c for c in components if c.name == "transformer" or (in_driver_group and (
+        tp_size > 1 or quantization is not None and quantization.applies_to(c.name)))]  # quantized: loaded here
     device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
     shards, whole, seconds = {}, {}, {}
     for component in components:
         started = time.perf_counter()
         home = home_device(component.name, spec.offload, device)
         shards[component.name] = load_component_shard(
-            component, spec.model_path / component.name, tp_rank, tp_size, home, dtype, dummy)
+            component, spec.model_path / component.name, tp_rank, tp_size, home, dtype, dummy, quantization,
+            spec.transformer_file if component.name == "transformer" else None)
         seconds[component.name] = time.perf_counter() - started
     if rank == 0:
         for name, (library, class_name) in unsharded_models(spec.model_path, set(shards)).items():

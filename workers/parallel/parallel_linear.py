@@ -6,40 +6,25 @@ holds (`shard_slices`), so the loader reads exactly that slice from the safetens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workers.parallel import parallel_state
-
-Ranges = list[tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class ShardSlices:
-    dim: int
-    ranges: Ranges
-
-    @property
-    def width(self) -> int:
-        return sum(end - start for start, end in self.ranges)
-
-
-def shard_slices(parameter: torch.Tensor) -> ShardSlices | None:
-    """The part of the full checkpoint tensor `parameter` holds; None when it holds all of it."""
-    return getattr(parameter, "_shard_slices", None)
-
-
-def set_shard_slices(parameter: torch.Tensor, slices: ShardSlices | None) -> None:
-    parameter._shard_slices = slices
+from workers.shard_slices import Ranges, ShardSlices, set_shard_slices, shard_slices
 
 
 def _parameter(shape: tuple[int, ...], slices: ShardSlices | None, **factory) -> nn.Parameter:
     parameter = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
     set_shard_slices(parameter, slices)
     return parameter
+
+
+def _matmul(weight, x: torch.Tensor, bias: torch.Tensor | None, reduce_amax=None) -> torch.Tensor:
+    """x @ W.T + bias for a plain weight or a quantized one (workers.quantization.weights)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias, reduce_amax)
 
 
 def _describe(ranges: Ranges) -> str:
@@ -87,7 +72,7 @@ class ColumnParallelLinear(nn.Module):
         self.adapters = None  # a workers.lora.layers.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight, self.bias)
+        local = _matmul(self.weight, x, self.bias)
         if self.adapters is not None:
             local = self.adapters(x, local)
         return _gathered_if_asked(local, self.weight, self.gather_output_width)
@@ -134,7 +119,7 @@ class RowParallelLinear(nn.Module):
         self.adapters = None  # a workers.lora.layers.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = _matmul(self.weight, x, None, parallel_state.all_reduce_max)
         if self.adapters is not None:  # this rank's share of B A x joins the same all-reduce
             partial = self.adapters(x, partial)
         y = parallel_state.all_reduce(partial)

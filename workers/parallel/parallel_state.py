@@ -158,6 +158,18 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over the tensor-parallel group (a process group: the
+    scaled-FP8 path on GPUs, the only caller)."""
+    group = _current().groups["tp"]
+    if group.size == 1:
+        return tensor
+    count("all_reduce", tensor.nbytes)
+    with collective():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group.process_group)
+    return tensor
+
+
 @torch.library.custom_op("ditserve::all_reduce", mutates_args=())
 def _summed_through_shared_memory(tensor: torch.Tensor) -> torch.Tensor:
     """The shared-memory all-reduce as an op a compiled graph calls (its shape is its input's; it

@@ -9,10 +9,13 @@ whose checkpoints use older key names are read through transformers' own renamin
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,9 +31,20 @@ from torch import nn
 
 from configs import FamilyConfig, TensorParallelPlan, load_text_encoder_plans
 from workers.module_tree import owner_of
-from workers.parallel.parallel_linear import ShardSlices, set_shard_slices, shard_slices
 from workers.parallel.tensor_parallel import apply_plan
+from workers.quantization.gguf_files import GgufCheckpoint, find_gguf
+from workers.quantization.schemes import (
+    Quantization,
+    fill_randomly,
+    quantize_layers,
+    quantized_weights,
+    read_quantized,
+    weight_formats,
+)
+from workers.quantization.weights import QuantizedWeight
+from workers.shard_slices import ShardSlices, set_shard_slices, shard_slices
 
+logger = logging.getLogger(__name__)
 _READ_AHEAD = 4  # tensors read but not yet copied, at most (bounds the host memory in flight)
 
 
@@ -110,18 +124,96 @@ def _holds_parameters(library: str, class_name: str) -> bool:
 
 def load_component_shard(
     component: ShardedComponent, directory: Path, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-    dummy: bool = False,
+    dummy: bool = False, quantization: Quantization | None = None, gguf_file: str | None = None,
 ) -> nn.Module:
     """This rank's shard, read from the checkpoint, or random (dummy: no weights needed)."""
     model = build_meta_component(component.library, component.class_name, directory)
-    if world_size > 1:
-        apply_plan(model, component.plan, rank, world_size)
-    if dummy:
-        initialize_randomly(model, device, dtype)
-    else:
-        _load_parameters(model, _tensor_locations(model, directory), device, dtype)
+    checkpoint = None if dummy else open_checkpoint(model, directory, component, quantization, gguf_file)
+    try:
+        for line in shard_on_meta(model, component, rank, world_size, dtype, quantization, checkpoint):
+            if rank == 0:
+                logger.warning("%s: %s", component.name, line)
+        if dummy:
+            initialize_randomly(model, device, dtype)
+        else:
+            _load_parameters(model, checkpoint, device, dtype)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
     _cast_buffers(model, dtype)
     return model.to(device=device)
+
+
+def shard_on_meta(model: nn.Module, component: ShardedComponent, rank: int, world_size: int, dtype: torch.dtype,
+                  quantization: Quantization | None, checkpoint=None) -> list[str]:
+    """Split `model` (on meta) for this rank and quantize its layers as asked; the splits moved to
+    quantization-block boundaries, described (see tensor_parallel.apply_plan)."""
+    formats = {}
+    if quantization is not None and quantization.applies_to(component.name):
+        formats = weight_formats(model, quantization, checkpoint)
+    moved = []
+    if world_size > 1:
+        blocks = {name: (form.block, form.gguf_type.name) for name, form in formats.items() if form.block > 1}
+        moved = apply_plan(model, component.plan, rank, world_size, blocks)
+    quantize_layers(model, formats, parameter_dtype(model, "", dtype))
+    return moved
+
+
+def open_checkpoint(model: nn.Module, directory: Path, component: ShardedComponent,
+                    quantization: Quantization | None, gguf_file: str | None = None):
+    """Where the component's tensors are read from: a GGUF file (the DiT under --quantization gguf)
+    or its safetensors files."""
+    if quantization is not None and quantization.method == "gguf" and quantization.applies_to(component.name):
+        path = find_gguf(directory, gguf_file)
+        if path is None:
+            raise FileNotFoundError(f"--quantization gguf: no .gguf file in {directory}; "
+                                    "name one with --transformer-file")
+        return GgufCheckpoint(path)
+    return SafetensorsCheckpoint(_tensor_locations(model, directory))
+
+
+class SafetensorsCheckpoint:
+    """Model tensor name -> its slice from the safetensors files; headers answer dtype and size."""
+
+    _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+               "I8": torch.int8, "U8": torch.uint8, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+
+    def __init__(self, locations: dict[str, tuple[Path, str]]):
+        self.locations = locations
+        self._files = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def _view(self, name: str):
+        path, key = self.locations[name]
+        if path not in self._handles:
+            self._handles[path] = self._files.enter_context(safe_open(path, framework="pt", device="cpu"))
+        return self._handles[path].get_slice(key)
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self._DTYPES.get(self._view(name).get_dtype()) if name in self.locations else None
+
+    def numel(self, name: str) -> int:
+        return math.prod(self._view(name).get_shape())
+
+    def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
+        view = self._view(name)
+        if slices is None:
+            return view[:]
+        index = [slice(None)] * len(view.get_shape())
+        parts = []
+        for start, end in slices.ranges:
+            index[slices.dim] = slice(start, end)
+            parts.append(view[tuple(index)])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=slices.dim)
+
+    def order(self, name: str) -> tuple:
+        return tuple(map(str, self.locations[name]))
+
+    def close(self) -> None:
+        self._files.close()
 
 
 def initialize_randomly(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -137,6 +229,8 @@ def initialize_randomly(model: nn.Module, device: torch.device, dtype: torch.dty
         else:
             tensor.fill_(1.0 if name.endswith("weight") else 0.0)
         _assign(model, name, tensor, parameter)
+    for name, weight in quantized_weights(model).items():
+        fill_randomly(weight, torch.Generator(device=device).manual_seed(zlib.crc32(name.encode())), device)
 
 
 def parameter_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -147,8 +241,8 @@ def parameter_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dt
 
 def _cast_buffers(model: nn.Module, dtype: torch.dtype) -> None:
     for name, buffer in model.named_buffers():
-        if buffer.is_floating_point():
-            owner, attribute = owner_of(model, name)
+        owner, attribute = owner_of(model, name)
+        if buffer.is_floating_point() and not isinstance(owner, QuantizedWeight):
             owner._buffers[attribute] = buffer.to(parameter_dtype(model, name, dtype))
 
 
@@ -193,61 +287,51 @@ def _tensor_locations(model: nn.Module, directory: Path) -> dict[str, tuple[Path
     return locations
 
 
-def _load_parameters(
-    model: nn.Module, locations: dict[str, tuple[Path, str]], device: torch.device, dtype: torch.dtype
-) -> None:
+def _load_parameters(model: nn.Module, checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    quantized = quantized_weights(model)
     wanted = dict(model.named_parameters())
-    wanted.update((n, b) for n, b in model.named_buffers() if n in locations)
-    missing = sorted(set(wanted) - set(locations))
+    wanted.update((n, b) for n, b in model.named_buffers()
+                  if n in checkpoint and not isinstance(owner_of(model, n)[0], QuantizedWeight))
+    missing = sorted(name for name in [*wanted, *quantized] if name not in checkpoint)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) {type(model).__name__} needs, e.g. {missing[:3]}")
-    names = sorted(wanted, key=lambda name: locations[name])  # file by file, in checkpoint order
-    staged = _read_ahead(names, locations, {name: shard_slices(wanted[name]) for name in names},
-                         pin=device.type == "cuda")
-    for name, host_tensor in zip(names, staged):
-        # Copy as read (asynchronously from pinned memory on a GPU) and cast on the device, which
-        # casts bf16 -> target dtype faster than the CPU; the reader thread meanwhile reads ahead.
-        tensor = host_tensor.to(device, non_blocking=True)
-        if tensor.is_floating_point():
-            tensor = tensor.to(parameter_dtype(model, name, dtype))
-        _assign(model, name, tensor, wanted[name])
+    reads = {name: functools.partial(_read_plain, checkpoint, name, shard_slices(tensor))
+             for name, tensor in wanted.items()}
+    reads.update((name, functools.partial(read_quantized, name, weight, checkpoint))
+                 for name, weight in quantized.items())
+    names = sorted(reads, key=checkpoint.order)  # file by file, in checkpoint order
+    current = {**wanted, **{name: buffer for name, buffer in model.named_buffers() if name not in wanted}}
+    for tensors in _read_ahead([reads[name] for name in names], pin=device.type == "cuda"):
+        for name, host_tensor in tensors.items():
+            # Copy as read (asynchronously from pinned memory on a GPU) and cast on the device, which
+            # casts bf16 -> target dtype faster than the CPU; the reader thread meanwhile reads ahead.
+            tensor = host_tensor.to(device, non_blocking=True)
+            if name in wanted and tensor.is_floating_point():
+                tensor = tensor.to(parameter_dtype(model, name, dtype))
+            _assign(model, name, tensor, current[name])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _read_ahead(
-    names: list[str], locations: dict[str, tuple[Path, str]], slices: dict[str, ShardSlices | None], pin: bool
-) -> Iterator[torch.Tensor]:
-    """This rank's slice of each named tensor, in order, read by one thread up to _READ_AHEAD tensors
-    ahead of the consumer, so disk reads overlap the host-to-device copies and casts."""
-    with ExitStack() as files, ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader") as reader:
-        handles: dict[Path, Any] = {}
+def _read_plain(checkpoint, name: str, slices: ShardSlices | None) -> dict[str, torch.Tensor]:
+    return {name: checkpoint.read(name, slices)}
 
-        def read(name: str) -> torch.Tensor:
-            path, key = locations[name]
-            if path not in handles:
-                handles[path] = files.enter_context(safe_open(path, framework="pt", device="cpu"))
-            tensor = _read(handles[path], key, slices[name])
-            return tensor.pin_memory() if pin else tensor
 
-        pending = deque(reader.submit(read, name) for name in names[:_READ_AHEAD])
-        for name in names[_READ_AHEAD:]:
+def _read_ahead(reads: list[Callable[[], dict[str, torch.Tensor]]], pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Each read's tensors, in order, made by one thread up to _READ_AHEAD reads ahead of the
+    consumer, so disk reads (and quantizing at load) overlap the host-to-device copies and casts."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-reader") as reader:
+
+        def run(read) -> dict[str, torch.Tensor]:
+            tensors = read()
+            return {name: tensor.pin_memory() for name, tensor in tensors.items()} if pin else tensors
+
+        pending = deque(reader.submit(run, read) for read in reads[:_READ_AHEAD])
+        for read in reads[_READ_AHEAD:]:
             yield pending.popleft().result()
-            pending.append(reader.submit(read, name))
+            pending.append(reader.submit(run, read))
         while pending:
             yield pending.popleft().result()
-
-
-def _read(handle, key: str, slices: ShardSlices | None) -> torch.Tensor:
-    if slices is None:
-        return handle.get_tensor(key)
-    view = handle.get_slice(key)
-    index = [slice(None)] * len(view.get_shape())
-    parts = []
-    for start, end in slices.ranges:
-        index[slices.dim] = slice(start, end)
-        parts.append(view[tuple(index)])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=slices.dim)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:

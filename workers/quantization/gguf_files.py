@@ -1,0 +1,114 @@
+"""GGUF files of a DiT: reading this rank's slices of its tensors (gguf's memory-mapped reader, so
+only the slice is read from disk), and writing one from a float state dict (tests, benchmarks).
+
+Tensor names are the diffusers model's own (the layout Qwen-Image's and Z-Image's GGUF releases
+use); a `model.diffusion_model.` prefix, as ComfyUI writes it, is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from workers.quantization import gguf_blocks
+from workers.shard_slices import ShardSlices
+
+PREFIXES = ("model.diffusion_model.",)
+
+
+def find_gguf(directory: Path, file: str | None = None) -> Path | None:
+    """The GGUF file a component is read from: `file` when given, else the one in `directory`."""
+    if file:
+        return Path(file)
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"{directory} holds {len(found)} .gguf files; name one with --transformer-file")
+    return found[0] if found else None
+
+
+class GgufCheckpoint:
+    """Tensor name -> its slice, as a torch tensor (uint8 block rows for quantized types)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tensors = {}
+        for tensor in GGUFReader(path).tensors:
+            name = next((tensor.name.removeprefix(p) for p in PREFIXES if tensor.name.startswith(p)), tensor.name)
+            self._tensors[name] = tensor
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def gguf_type(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(self._tensors[name].tensor_type)
+
+    def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
+        data = self._tensors[name].data
+        if slices is not None:
+            index = [slice(None)] * data.ndim
+            parts = []
+            for start, end in slices.ranges:
+                index[slices.dim] = slice(start, end)
+                parts.append(np.ascontiguousarray(data[tuple(index)]))
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=slices.dim)
+        return torch.from_numpy(np.array(data))  # a copy: the memory map stays read-only
+
+    def order(self, name: str) -> tuple:
+        return (str(self.path), int(self._tensors[name].data_offset))
+
+    def close(self) -> None:
+        self._tensors.clear()  # the memory map goes with the last reference
+
+
+TypeChooser = Callable[[str, torch.Tensor], GGMLQuantizationType]
+
+
+def write_model_gguf(model: torch.nn.Module, path: Path, kind: GGMLQuantizationType,
+                     keep: Callable[[str], bool] = lambda name: False) -> Path:
+    """A model's weights as a GGUF file the way converters lay one out: every linear weight in
+    `kind`, or Q8_0 where its rows are not whole `kind` blocks, or F32 where not even that (and
+    where `keep(layer name)`); every other tensor F32."""
+    linear = {f"{name}.weight": module.in_features for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and not keep(name)}
+
+    def choose(name: str, tensor: torch.Tensor) -> GGMLQuantizationType:
+        for candidate in (kind, GGMLQuantizationType.Q8_0):
+            if name in linear and linear[name] % gguf_blocks.block_format(candidate).elements == 0:
+                return candidate
+        return GGMLQuantizationType.F32
+
+    return write_gguf(path, {name: t.detach().float() for name, t in model.state_dict().items()}, choose)
+
+
+def write_gguf(path: Path, state_dict: dict[str, torch.Tensor], choose: TypeChooser) -> Path:
+    """`state_dict` as a GGUF file, each tensor in the type `choose(name, tensor)` gives."""
+    writer = GGUFWriter(str(path), arch="ditserve")
+    for name, tensor in state_dict.items():
+        kind = choose(name, tensor)
+        if kind in gguf_blocks.PLAIN and kind != GGMLQuantizationType.BF16:
+            writer.add_tensor(name, tensor.to(gguf_blocks.PLAIN[kind]).numpy())
+        else:
+            writer.add_tensor(name, gguf_blocks.quantize(tensor.reshape(tensor.shape[0], -1), kind).numpy(),
+                              raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dequantized_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file as float32, decoded by gguf's own numpy code (the reference)."""
+    from gguf.quants import dequantize
+
+    return {name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(
+                [int(n) for n in reversed(t.shape)])
+            for t in GGUFReader(path).tensors
+            for name in [t.name]}
