@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,13 @@ from configs import EngineOptions
 from engine.host import free_port, usable_cores
 from engine.models.resolver import ResolvedModel
 from workers import OFFLOADABLE, RankLayout, WorkerSpec
-from workers.planning import check_tensor_split, fewest_dit_heads
+from workers.planning import check_tensor_split, describe_split, fewest_dit_heads, text_encoder_splits
 
 # Of a device's memory, what the parameters may take at most when `auto` chooses the TP size; the
 # rest is for activations, the CUDA context and the allocator's slack.
 AUTO_PARAMETER_SHARE = 0.8
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         threads_per_rank=max(1, usable_cores() // world_size),
         load_format=options.load_format,
         quantization=options.quantization,
+        text_encoder_tp_sizes=narrowed_text_encoders(model, parallel.tensor_parallel_size),
         transformer_file=options.transformer_file,
         vae_use_tiling=options.vae_use_tiling,
         vae_use_slicing=options.vae_use_slicing,
@@ -141,6 +145,16 @@ def worker_spec(model: ResolvedModel, parallel: DiffusionParallelConfig,
         scheduling=options.scheduling,
         max_batch_size=options.max_batch_size,
     )
+
+
+def narrowed_text_encoders(model: ResolvedModel, tensor_parallel_size: int) -> dict[str, int]:
+    """Text encoders sharded over fewer than all TP ranks (their heads split over no more), logged."""
+    narrowed = {}
+    for split in text_encoder_splits(model.family, model.path, tensor_parallel_size):
+        if split.size < tensor_parallel_size:
+            logger.warning("%s", describe_split(split, tensor_parallel_size))
+            narrowed[split.name] = split.size
+    return narrowed
 
 
 def default_compile_cache_dir() -> str:

@@ -74,6 +74,9 @@ class WorkerSpec:
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the configs
     quantization: str | None = EngineOptions.quantization  # "fp8", "int8", "gguf" (workers/quantization)
     transformer_file: str | None = None  # the DiT's .gguf file, when not in the model folder
+    # text encoder -> how many of the driver's first TP ranks it is sharded over, where fewer than all
+    # (its heads split over no more: workers.planning.text_encoder_splits); 1: held whole by rank 0
+    text_encoder_tp_sizes: dict[str, int] = field(default_factory=dict)
     vae_use_tiling: bool = False
     vae_use_slicing: bool = False
     max_loras: int = EngineOptions.max_loras

@@ -35,18 +35,46 @@ from workers.quantization.weights import QuantizedWeight
 from workers.shard_slices import shard_slices
 
 
+@dataclass(frozen=True)
+class EncoderSplit:
+    """How many of the driver's TP ranks a text encoder is sharded over (1: held whole by rank 0)."""
+
+    name: str
+    class_name: str
+    size: int
+    why: str  # the planner's reason it does not split over all of them; "" when it does
+
+
+def text_encoder_splits(family: FamilyConfig, model_path: Path, tensor_parallel_size: int) -> list[EncoderSplit]:
+    """Each text encoder with a TP plan over the largest number of the TP ranks (from the first)
+    its heads split over: no layout is refused for a text encoder's sake."""
+    splits = []
+    for component in sharded_components(family, model_path)[1:]:
+        config = component_config(component.library, component.class_name, model_path / component.name)
+        why = ""
+        for size in range(tensor_parallel_size, 0, -1):
+            try:
+                ShardPlanner(component.plan, config, rank=0, world_size=size)
+                break
+            except ValueError as exc:
+                why = why or str(exc)
+        splits.append(EncoderSplit(component.name, component.class_name, size, why))
+    return splits
+
+
+def describe_split(split: EncoderSplit, tensor_parallel_size: int) -> str:
+    where = (f"sharded over TP ranks 0-{split.size - 1} of {tensor_parallel_size}" if split.size > 1
+             else "held whole by rank 0")
+    return f"{split.name} ({split.class_name}): {where}; {split.why}"
+
+
 def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
                        quantization: str | None = None, transformer_file: str | None = None) -> None:
-    """Raise ValueError (naming the component) when a sharded component cannot split over the TP
-    ranks, GGUF blocks included (those need the DiT built on meta and the file's header)."""
-    for component in sharded_components(family, model_path):
-        config = component_config(component.library, component.class_name, model_path / component.name)
-        try:
-            ShardPlanner(component.plan, config, rank=0, world_size=tensor_parallel_size)
-        except ValueError as exc:
-            if component.name == "transformer":
-                raise
-            raise ValueError(f"{component.name} ({component.class_name}): {exc}") from None
+    """Raise ValueError when the DiT cannot split over the TP ranks, GGUF blocks included (those
+    need the DiT built on meta and the file's header). Text encoders always fit: text_encoder_splits."""
+    component = dit_component(family)
+    config = component_config(component.library, component.class_name, model_path / component.name)
+    ShardPlanner(component.plan, config, rank=0, world_size=tensor_parallel_size)
     asked = Quantization.parse(quantization, family.quantization)
     if asked is not None and asked.method == "gguf" and tensor_parallel_size > 1:
         _shard_dit_on_meta(family, model_path, tensor_parallel_size, asked, transformer_file)
@@ -141,17 +169,21 @@ def rank_memory(
     for name, (library, class_name) in unsharded_models(model_path, set(sharded)).items():
         whole[library] += sum(_bytes(build_meta_component(library, class_name, model_path / name), dtype))
     built = {name: build_meta_component(c.library, c.class_name, model_path / name) for name, c in sharded.items()}
+    splits = [s for s in text_encoder_splits(family, model_path, world_size) if s.name in sharded]
+    split_sizes = {s.name: s.size for s in splits}
+    notes = [describe_split(s, world_size) for s in splits if s.size < world_size]
     report = []
     for rank in range(layout.world_size) if ranks is None else ranks:
         cfg, ulysses, tp_rank = layout.coordinates(rank)
-        counts, moved = {}, []
+        counts, moved = {}, list(notes)
         for name, component in sharded.items():
-            if name != "transformer" and (cfg, ulysses) != (0, 0):
+            size = split_sizes.get(name, world_size)
+            if name != "transformer" and ((cfg, ulysses) != (0, 0) or tp_rank >= size):
                 continue
             module = copy.deepcopy(built[name])  # cheaper than building again (tables computed at init)
             checkpoint = _gguf_header(module, model_path / name, component, asked, transformer_file)
             moved.extend(f"{name}: {line}" for line in
-                         shard_on_meta(module, component, tp_rank, world_size, dtype, asked, checkpoint))
+                         shard_on_meta(module, component, tp_rank, size, dtype, asked, checkpoint))
             counts[name] = _bytes(module, dtype)
         encoders = [counts[name] for name in counts if name != "transformer"]
         on_driver = rank == 0

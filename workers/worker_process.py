@@ -71,7 +71,8 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
     try:
         _configure_device(rank, spec)
         parallel_state.initialize(rank, spec.layout, spec.device_type, spec.master_port,
-                                  fault_flag=channels.fault_flag)
+                                  fault_flag=channels.fault_flag,
+                                  sub_group_sizes=tuple(s for s in spec.text_encoder_tp_sizes.values() if s > 1))
         family = load_family(spec.family_name)
         shards, whole, load_s = _load_models(rank, spec)
         if spec.compiled:
@@ -125,16 +126,19 @@ def _load_models(rank: int, spec: WorkerSpec) -> tuple[Models, Models, dict[str,
     components = sharded_components(family, spec.model_path)
     tp_rank, tp_size = parallel_state.rank_in("tp"), parallel_state.size_of("tp")
     in_driver_group = parallel_state.rank_in("cfg") == 0 and parallel_state.rank_in("ulysses") == 0
-    components = [c for c in components if c.name == "transformer" or (in_driver_group and (
-        tp_size > 1 or quantization is not None and quantization.applies_to(c.name)))]  # quantized: loaded here
+    sizes = {c.name: spec.text_encoder_tp_sizes.get(c.name, tp_size) for c in components}
+    components = [c for c in components if c.name == "transformer" or (in_driver_group and tp_rank < sizes[c.name] and (
+        sizes[c.name] > 1 or quantization is not None and quantization.applies_to(c.name)))]  # quantized: loaded here
     device, dtype = parallel_state.device(), getattr(torch, spec.dtype)
     shards, whole, seconds = {}, {}, {}
     for component in components:
         started = time.perf_counter()
         home = home_device(component.name, spec.offload, device)
+        size = sizes[component.name]
         shards[component.name] = load_component_shard(
-            component, spec.model_path / component.name, tp_rank, tp_size, home, dtype, dummy, quantization,
-            spec.transformer_file if component.name == "transformer" else None)
+            component, spec.model_path / component.name, tp_rank, size, home, dtype, dummy, quantization,
+            spec.transformer_file if component.name == "transformer" else None,
+            "tp" if size == tp_size else parallel_state.sub_group_name(size))
         seconds[component.name] = time.perf_counter() - started
     if rank == 0:
         for name, (library, class_name) in unsharded_models(spec.model_path, set(shards)).items():

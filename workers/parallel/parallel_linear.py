@@ -31,7 +31,7 @@ def _describe(ranges: Ranges) -> str:
     return "+".join(f"[{start}:{end}]" for start, end in ranges)
 
 
-def gather_columns(local: torch.Tensor, ranges: Ranges, width: int) -> torch.Tensor:
+def gather_columns(local: torch.Tensor, ranges: Ranges, width: int, group_name: str = "tp") -> torch.Tensor:
     """The full-width output from every rank's columns: each writes its own into zeros, one
     all-reduce sums them (exact: the other ranks add zeros)."""
     full = local.new_zeros(*local.shape[:-1], width)
@@ -39,13 +39,13 @@ def gather_columns(local: torch.Tensor, ranges: Ranges, width: int) -> torch.Ten
     for start, end in ranges:
         full[..., start:end] = local[..., offset : offset + end - start]
         offset += end - start
-    return parallel_state.all_reduce(full)
+    return parallel_state.all_reduce(full, group_name)
 
 
-def _gathered_if_asked(local: torch.Tensor, weight: torch.Tensor, gather_output_width: int | None) -> torch.Tensor:
-    if gather_output_width is None:
+def _gathered_if_asked(layer: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    if layer.gather_output_width is None:
         return local
-    return gather_columns(local, shard_slices(weight).ranges, gather_output_width)
+    return gather_columns(local, shard_slices(layer.weight).ranges, layer.gather_output_width, layer.group_name)
 
 
 def _communication(gather_output_width: int | None) -> str:
@@ -61,6 +61,8 @@ class ColumnParallelLinear(nn.Module):
     modulation) every rank gets the full y.
     """
 
+    group_name = "tp"  # the TP group, or a sub-group of it (parallel_state.sub_group_name)
+
     def __init__(self, in_features: int, out_ranges: Ranges, bias: bool, gather_output_width: int | None = None,
                  **factory):
         super().__init__()
@@ -75,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
         local = _matmul(self.weight, x, self.bias)
         if self.adapters is not None:
             local = self.adapters(x, local)
-        return _gathered_if_asked(local, self.weight, self.gather_output_width)
+        return _gathered_if_asked(self, local)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
@@ -90,6 +92,8 @@ class ParallelEmbedding(nn.Module):
     the full-width embeddings are gathered (a few hundred tokens wide: cheap).
     """
 
+    group_name = "tp"  # the TP group, or a sub-group of it (parallel_state.sub_group_name)
+
     def __init__(self, num_embeddings: int, dim_ranges: Ranges, padding_idx: int | None,
                  gather_output_width: int | None = None, **factory):
         super().__init__()
@@ -100,7 +104,7 @@ class ParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = F.embedding(ids, self.weight, self.padding_idx)
-        return _gathered_if_asked(local, self.weight, self.gather_output_width)
+        return _gathered_if_asked(self, local)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)
@@ -109,6 +113,8 @@ class ParallelEmbedding(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local @ W[:, in_ranges].T, then the bias once: one all-reduce."""
+
+    group_name = "tp"  # the TP group, or a sub-group of it (parallel_state.sub_group_name)
 
     def __init__(self, in_ranges: Ranges, out_features: int, bias: bool, **factory):
         super().__init__()
@@ -122,7 +128,7 @@ class RowParallelLinear(nn.Module):
         partial = _matmul(self.weight, x, None, parallel_state.all_reduce_max)
         if self.adapters is not None:  # this rank's share of B A x joins the same all-reduce
             partial = self.adapters(x, partial)
-        y = parallel_state.all_reduce(partial)
+        y = parallel_state.all_reduce(partial, self.group_name)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -69,19 +69,29 @@ def _current() -> _State:
     return _state
 
 
+def sub_group_name(size: int) -> str:
+    """The group of the driver's first `size` TP ranks (a text encoder that splits over no more)."""
+    return f"tp:{size}"
+
+
 def initialize(
     rank: int, layout: RankLayout, device_type: str, master_port: int,
     collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, fault_flag: ctypes.c_int | None = None,
+    sub_group_sizes: tuple[int, ...] = (),
 ) -> None:
-    """Join the world (NCCL on CUDA, gloo on CPU) over loopback, then every axis group; no process
-    group at world size 1. On x86 CPUs each group of two or more also gets a shared-memory exchange.
-    `fault_flag`: a shared int every rank of the group was given (see `report_fault`)."""
+    """Join the world (NCCL on CUDA, gloo on CPU) over loopback, then every axis group and the
+    driver's TP sub-groups of `sub_group_sizes`; no process group at world size 1. On x86 CPUs each
+    group of two or more also gets a shared-memory exchange. `fault_flag`: a shared int every rank
+    of the group was given (see `report_fault`)."""
     global _state
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    driver_tp = next(g for g in layout.groups("tp") if 0 in g)
+    every = {axis: layout.groups(axis) for axis in AXES}
+    every.update({sub_group_name(size): [driver_tp[:size]] for size in sorted(set(sub_group_sizes))})
     groups = {}
-    for axis in AXES:
-        mine = next(g for g in layout.groups(axis) if rank in g)
-        groups[axis] = _Group(mine, mine.index(rank))
+    for name, candidates in every.items():
+        mine = next((g for g in candidates if rank in g), [rank])
+        groups[name] = _Group(mine, mine.index(rank))
     _state = _State(rank, layout, device, groups)
     if fault_flag is not None:
         _state.fault_flag = fault_flag
@@ -97,8 +107,8 @@ def initialize(
         device_id=device if device_type == "cuda" else None,
     )
     use_shared_memory = device_type == "cpu" and SharedMemoryGroup.supported()
-    for axis in AXES:
-        for ranks in layout.groups(axis):  # every rank creates every group, in the same order
+    for axis, candidates in every.items():
+        for ranks in candidates:  # every rank creates every group, in the same order
             if len(ranks) == 1:
                 continue
             process_group = dist.new_group(ranks, timeout=timeout) if len(ranks) < layout.world_size else None
@@ -107,7 +117,7 @@ def initialize(
             group = groups[axis]
             group.process_group = process_group
             if use_shared_memory:
-                name = f"ditserve-{os.getppid()}-{master_port}-{axis}-{ranks[0]}"
+                name = f"ditserve-{os.getppid()}-{master_port}-{axis.replace(':', '')}-{ranks[0]}"
                 group.shared_memory = SharedMemoryGroup(group.index, group.size, name, collective_timeout_s,
                                                         process_group, aborted=lambda: bool(_state.fault_flag.value))
 
@@ -138,12 +148,12 @@ def size_of(axis: str) -> int:
     return _current().groups[axis].size
 
 
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over the tensor-parallel group: `tensor` itself summed in place (a process
-    group) or a new tensor (shared memory), so use the result. Inside a compiled graph it is one
-    node rather than a graph break: PyTorch's traceable functional all-reduce on a process group,
-    the `ditserve::all_reduce` op on shared memory."""
-    group = _current().groups["tp"]
+def all_reduce(tensor: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
+    """The sum of `tensor` over the tensor-parallel group (or a sub-group of it): `tensor` itself
+    summed in place (a process group) or a new tensor (shared memory), so use the result. Inside a
+    compiled graph it is one node rather than a graph break: PyTorch's traceable functional
+    all-reduce on a process group, the `ditserve::all_reduce` op on shared memory."""
+    group = _current().groups[group_name]
     if group.size == 1:
         return tensor
     if torch.compiler.is_compiling():

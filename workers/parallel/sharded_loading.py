@@ -125,12 +125,14 @@ def _holds_parameters(library: str, class_name: str) -> bool:
 def load_component_shard(
     component: ShardedComponent, directory: Path, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
     dummy: bool = False, quantization: Quantization | None = None, gguf_file: str | None = None,
+    group_name: str = "tp",
 ) -> nn.Module:
-    """This rank's shard, read from the checkpoint, or random (dummy: no weights needed)."""
+    """This rank's shard over `world_size` ranks (the TP group or its `group_name` sub-group), read
+    from the checkpoint, or random (dummy: no weights needed)."""
     model = build_meta_component(component.library, component.class_name, directory)
     checkpoint = None if dummy else open_checkpoint(model, directory, component, quantization, gguf_file)
     try:
-        for line in shard_on_meta(model, component, rank, world_size, dtype, quantization, checkpoint):
+        for line in shard_on_meta(model, component, rank, world_size, dtype, quantization, checkpoint, group_name):
             if rank == 0:
                 logger.warning("%s: %s", component.name, line)
         if dummy:
@@ -145,7 +147,7 @@ def load_component_shard(
 
 
 def shard_on_meta(model: nn.Module, component: ShardedComponent, rank: int, world_size: int, dtype: torch.dtype,
-                  quantization: Quantization | None, checkpoint=None) -> list[str]:
+                  quantization: Quantization | None, checkpoint=None, group_name: str = "tp") -> list[str]:
     """Split `model` (on meta) for this rank and quantize its layers as asked; the splits moved to
     quantization-block boundaries, described (see tensor_parallel.apply_plan)."""
     formats = {}
@@ -154,7 +156,7 @@ def shard_on_meta(model: nn.Module, component: ShardedComponent, rank: int, worl
     moved = []
     if world_size > 1:
         blocks = {name: (form.block, form.gguf_type.name) for name, form in formats.items() if form.block > 1}
-        moved = apply_plan(model, component.plan, rank, world_size, blocks)
+        moved = apply_plan(model, component.plan, rank, world_size, blocks, group_name)
     quantize_layers(model, formats, parameter_dtype(model, "", dtype))
     return moved
 

@@ -185,10 +185,11 @@ class ShardPlanner:
 
 
 def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size: int,
-               blocks: dict[str, tuple[int, str]] | None = None) -> list[str]:
+               blocks: dict[str, tuple[int, str]] | None = None, group_name: str = "tp") -> list[str]:
     """Replace planned layers in place and make attention head counts local. `blocks`: layer name ->
     (columns per quantization block, format) of quantized layers; a row-parallel one's input split
-    keeps its blocks whole. Returns the splits that moved for them (one line each)."""
+    keeps its blocks whole. `group_name`: the process group the layers reduce over. Returns the
+    splits that moved for blocks (one line each)."""
     planner = ShardPlanner(plan, model.config, rank, world_size, *_block_units(model, plan, blocks or {}))
     matched = {rule.pattern: 0 for rule in plan.layers}
     replaced: dict[int, nn.Module] = {}  # a module shared under two names (tied embeddings) is replaced once
@@ -201,6 +202,7 @@ def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size
             matched[rule.pattern] += 1
             size = _output_width(module) if rule.style.startswith("colwise") else module.in_features
             replaced[id(module)] = _sharded(module, rule, planner.ranges(rule, name, size))
+            replaced[id(module)].group_name = group_name
             replaced[id(module)].full_shape = tuple(module.weight.shape)  # what a LoRA adapter of it is shaped for
             _replace(model, name, replaced[id(module)])
             continue
@@ -211,7 +213,7 @@ def apply_plan(model: nn.Module, plan: TensorParallelPlan, rank: int, world_size
                 if isinstance(getattr(module, attribute, None), int):
                     setattr(module, attribute, local[value])
     for rule in plan.buffers:
-        _shard_buffer(model, rule, planner)
+        _shard_buffer(model, rule, planner, group_name)
     unused = [rule.pattern for rule in plan.layers if not matched[rule.pattern] and not rule.optional]
     if unused:
         raise ValueError(f"tensor-parallel plan patterns matched no layer of {type(model).__name__}: {unused}")
@@ -245,7 +247,7 @@ def _heads_width(config, plan: TensorParallelPlan, layout_name: str) -> int:
     return heads * head_dim
 
 
-def _shard_buffer(model: nn.Module, rule: BufferRule, planner: ShardPlanner) -> None:
+def _shard_buffer(model: nn.Module, rule: BufferRule, planner: ShardPlanner, group_name: str) -> None:
     owner, attribute = owner_of(model, rule.pattern)
     table = owner._buffers[attribute]
     width = table.shape[-1]
@@ -254,7 +256,8 @@ def _shard_buffer(model: nn.Module, rule: BufferRule, planner: ShardPlanner) -> 
     set_shard_slices(local, ShardSlices(table.dim() - 1, ranges))
     owner._buffers[attribute] = local
     local_method = getattr(owner, rule.gathered)
-    setattr(owner, rule.gathered, lambda *args, **kwargs: gather_columns(local_method(*args, **kwargs), ranges, width))
+    setattr(owner, rule.gathered,
+            lambda *args, **kwargs: gather_columns(local_method(*args, **kwargs), ranges, width, group_name))
 
 
 def _output_width(module: nn.Module) -> int:
