@@ -13,7 +13,7 @@ import torch
 
 from engine.models.resolver import ResolvedModel
 from workers import RankLayout
-from workers.planning import RankMemory, ShardedComponent, rank_memory
+from workers.planning import RankMemory, ShardedComponent, rank_memory, vae_decode_peaks
 
 
 def memory_report(
@@ -24,6 +24,13 @@ def memory_report(
     with its weights quantized as `quantization` (fp8, int8, gguf:<type>) asks."""
     layout = RankLayout(tensor_parallel_size=layout) if isinstance(layout, int) else layout
     return rank_memory(model.family, model.path, layout, dtype, ranks, components, quantization)
+
+
+def format_decode_peaks(model: ResolvedModel, size: tuple[int, int], dtype: torch.dtype) -> str:
+    """One line: the VAE decode's activation peak at `size` (W, H), whole and with --vae-use-tiling."""
+    peaks = vae_decode_peaks(model.path, *size, dtype)
+    return (f"VAE decode of one {size[0]}x{size[1]} image (activations, rank 0): {format_size(peaks['whole'])}, "
+            f"with --vae-use-tiling {format_size(peaks['tiled'])}")
 
 
 def format_size(count: int) -> str:

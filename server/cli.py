@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--quantization", "-q", default=None, metavar="fp8|int8|gguf[:TYPE]",
                         help="the weights' bytes quantized so (gguf: the folder's .gguf file, else gguf:Q8_0, "
                              "gguf:Q4_K...)")
+    memory.add_argument("--decode-size", default=None, metavar="WxH",
+                        help="also the VAE decode's activation peak at this size, whole and tiled")
     commands.add_parser("serve", add_help=False, help="the HTTP server: same as the `serve` command, a name no "
                         "other package's script can take (Ray installs a `serve` of its own)")
     return parser

@@ -17,10 +17,11 @@ import torch
 import uvicorn
 
 from configs import EngineOptions, OmniDiffusionSamplingParams
+from configs.engine_options import parse_size
 from engine import AsyncEngine, DiffusionParallelConfig, EngineConfig, EngineState, resolve_model
 from engine.host import usable_cores
 from engine.loras import parse_lora_modules
-from engine.memory_report import format_report, memory_report
+from engine.memory_report import format_decode_peaks, format_report, memory_report
 from engine.models.tiny_models import TINY_PREFIX, write_tiny_model
 from server.app import create_app
 from server.lora_paths import LoraPathPolicy
@@ -40,6 +41,8 @@ def memory(args: argparse.Namespace) -> None:
     layout = _parallel_config(args).layout
     ranks = memory_report(model, layout, getattr(torch, args.dtype), quantization=args.quantization)
     print(format_report(model, layout, args.dtype, ranks, args.quantization))
+    if args.decode_size:
+        print(format_decode_peaks(model, parse_size(args.decode_size), getattr(torch, args.dtype)))
 
 
 def _parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from configs import FamilyConfig
+from workers.decode_memory import decode_peak_bytes
 from workers.messages import RankLayout
 from workers.module_tree import owner_of
 from workers.parallel.sharded_loading import (
@@ -197,3 +198,11 @@ def rank_memory(
             moved_splits=tuple(moved),
         ))
     return report
+
+
+def vae_decode_peaks(model_path: Path, width: int, height: int, dtype: torch.dtype) -> dict[str, int]:
+    """Peak activation bytes of one width x height decode by the pipeline's VAE, plain and tiled
+    (--vae-use-tiling), measured on the meta device."""
+    library, class_name = unsharded_models(model_path, set())["vae"]
+    return {mode: decode_peak_bytes(model_path / "vae", class_name, width, height, dtype, tiling=mode == "tiled")
+            for mode in ("whole", "tiled")}

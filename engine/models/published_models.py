@@ -6,6 +6,7 @@ random weights. The numbers live in configs/published.yaml.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def _vision_token_ids(tokenizer) -> dict[str, int]:
 
 
 def cached_published_configs(hub_id: str) -> Path:
-    """The config folder of `hub_id` under the cache, written on first use."""
-    target = cache_root() / "published" / hub_id.replace("/", "--")
+    """The config folder of `hub_id` under the cache, written on first use (a new folder when
+    configs/published.yaml changes)."""
+    entry = json.dumps(load_published_models()[hub_id], sort_keys=True, default=str)
+    version = hashlib.sha256(entry.encode()).hexdigest()[:12]
+    target = cache_root() / "published" / f"{hub_id.replace('/', '--')}-{version}"
     return cached_folder(target, lambda folder: write_published_configs(hub_id, folder))
