@@ -188,11 +188,15 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.locations
 
-    def _view(self, name: str):
+    def _handle(self, name: str):
         path, key = self.locations[name]
         if path not in self._handles:
             self._handles[path] = self._files.enter_context(safe_open(path, framework="pt", device="cpu"))
-        return self._handles[path].get_slice(key)
+        return self._handles[path], key
+
+    def _view(self, name: str):
+        handle, key = self._handle(name)
+        return handle.get_slice(key)
 
     def dtype(self, name: str) -> torch.dtype | None:
         return self._DTYPES.get(self._view(name).get_dtype()) if name in self.locations else None
@@ -201,9 +205,10 @@ class SafetensorsCheckpoint:
         return math.prod(self._view(name).get_shape())
 
     def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
-        view = self._view(name)
         if slices is None:
-            return view[:]
+            handle, key = self._handle(name)
+            return handle.get_tensor(key)
+        view = self._view(name)
         index = [slice(None)] * len(view.get_shape())
         parts = []
         for start, end in slices.ranges:

@@ -1,0 +1,162 @@
+"""Quantized checkpoints through the real engine: each format's image at TP=1 equals plain diffusers
+run on the dequantized weights (max pixel difference <= 1, fp32 compute), and TP=N equals TP=1.
+
+The references decode the checkpoints independently of the server: gguf-py's own numpy decoder for
+GGUF files, values x scales for FP8, and the per-row int8 rule written out here for int8."""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from safetensors.torch import load_file, save_file
+
+from configs import load_family
+from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from engine.models.tiny_models import cached_tiny_model
+from tests.helpers import REFERENCE_PROMPT, REFERENCE_SEED, REFERENCE_STEPS, max_pixel_difference, reference_image
+from workers.quantization.gguf_files import dequantized_state_dict, write_model_gguf
+
+PARAMS = OmniDiffusionSamplingParams(num_inference_steps=REFERENCE_STEPS, height=64, width=96, seed=REFERENCE_SEED)
+KEEP = load_family("z-image").quantization.keep
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def _generate(model: Path, quantization: str, tp: int, **options) -> tuple:
+    with Omni(model=str(model), quantization=quantization, parallel_config=DiffusionParallelConfig(tp),
+              **options) as omni:
+        loras = options.get("lora_modules")
+        params = PARAMS if not loras else OmniDiffusionSamplingParams(
+            **{**PARAMS.__dict__, "loras": [{"name": name, "scale": 1.0} for name in loras]})
+        return omni.generate(REFERENCE_PROMPT, params)[0].images[0], omni.rank_parameter_bytes()
+
+
+def _copy_with_weights(source: Path, target: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """`source` with its DiT's weights replaced (the reference, or the quantized checkpoint)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.gguf"))
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(target / WEIGHTS))
+    return target
+
+
+def _quantized_linears(folder: Path) -> list[str]:
+    dit = diffusers.ZImageTransformer2DModel.from_pretrained(folder / "transformer")
+    return [name for name, module in dit.named_modules() if isinstance(module, torch.nn.Linear)
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in KEEP)]
+
+
+@pytest.fixture(scope="module")
+def wide_z_image(tmp_path_factory):
+    """tiny/z-image with a DiT wide enough for Q4_K's 256-column blocks (dim 384, FFN 1024, heads of
+    64 columns), written as a GGUF file the way converters do: Q4_K where rows are whole blocks,
+    Q8_0 elsewhere. Returns (the folder, the reference folder with gguf-py's decoded weights)."""
+    root = tmp_path_factory.mktemp("wide")
+    folder = shutil.copytree(cached_tiny_model("z-image"), root / "wide")
+    config = diffusers.ZImageTransformer2DModel.load_config(folder / "transformer")
+    torch.manual_seed(3)
+    dit = diffusers.ZImageTransformer2DModel.from_config({**config, "dim": 384, "axes_dims": [16, 24, 24]})
+    for parameter in (dit.x_pad_token, dit.cap_pad_token):
+        torch.nn.init.normal_(parameter)
+    dit.save_pretrained(folder / "transformer")
+    write_model_gguf(dit, folder / "transformer" / "model.gguf", T.Q4_K)
+    decoded = dequantized_state_dict(folder / "transformer" / "model.gguf")
+    return folder, _copy_with_weights(folder, root / "reference", decoded)
+
+
+def test_gguf_q4_k_matches_its_decoded_weights_in_diffusers_and_splits_over_two_and_four_ranks(wide_z_image):
+    folder, reference_folder = wide_z_image
+    reference = reference_image(reference_folder, "z-image", 64, 96)
+    one, held_one = _generate(folder, "gguf", 1)
+    assert max_pixel_difference(one, reference) <= 1
+    for tp in (2, 4):
+        image, held = _generate(folder, "gguf", tp)
+        assert max_pixel_difference(image, one) <= 1, tp
+        share = held[0]["transformer"] / held_one[0]["transformer"]
+        assert share < {2: 0.6, 4: 0.35}[tp], (tp, share)  # 1/tp plus the few layers every rank holds
+
+
+def test_a_split_moved_to_block_boundaries_gives_the_tp1_image(tiny_dir, tmp_path):
+    """Q8_0 blocks of 32 columns span two of tiny/z-image's 16-column heads: at TP=2 its six heads
+    split 4/2 instead of 3/3 (tests/workers/test_quantization.py checks the report), same image."""
+    folder = shutil.copytree(tiny_dir("z-image"), tmp_path / "q8")
+    dit = diffusers.ZImageTransformer2DModel.from_pretrained(folder / "transformer")
+    write_model_gguf(dit, folder / "transformer" / "model.gguf", T.Q8_0)
+    one, _ = _generate(folder, "gguf", 1)
+    two, held = _generate(folder, "gguf", 2)
+    assert max_pixel_difference(two, one) <= 1
+    assert held[0]["transformer"] > held[1]["transformer"]
+
+
+@pytest.fixture(scope="module")
+def fp8_z_image(tmp_path_factory, tiny_dir):
+    """tiny/z-image as a published FP8 checkpoint lays one out: float8_e4m3fn weights, half of them
+    with per-output-channel `weight_scale` (compressed-tensors), half with one per-tensor
+    `scale_weight` (ComfyUI); the input and output layers in float."""
+    root = tmp_path_factory.mktemp("fp8")
+    source = tiny_dir("z-image")
+    weights = load_file(str(source / WEIGHTS))
+    stored, decoded = dict(weights), dict(weights)
+    for index, name in enumerate(_quantized_linears(source)):
+        weight = weights[f"{name}.weight"].float()
+        if index % 2:
+            scale = weight.abs().amax(dim=1, keepdim=True) / 448
+            stored[f"{name}.weight_scale"] = scale
+        else:
+            scale = weight.abs().amax() / 448
+            stored[f"{name}.scale_weight"] = scale
+        stored[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+        decoded[f"{name}.weight"] = stored[f"{name}.weight"].float() * scale
+    return _copy_with_weights(source, root / "fp8", stored), _copy_with_weights(source, root / "reference", decoded)
+
+
+def test_an_fp8_checkpoint_with_scales_matches_diffusers_and_tp2_matches_tp1(fp8_z_image):
+    folder, reference_folder = fp8_z_image
+    one, held_one = _generate(folder, "fp8", 1)
+    assert max_pixel_difference(one, reference_image(reference_folder, "z-image", 64, 96)) <= 1
+    two, held_two = _generate(folder, "fp8", 2)
+    assert max_pixel_difference(two, one) <= 1
+    assert held_two[0]["transformer"] < held_one[0]["transformer"]
+
+
+def test_int8_quantized_at_load_matches_the_per_row_rule_in_diffusers_and_tp2(tiny_dir, tmp_path):
+    """A float checkpoint served with int8: each row rounds to steps of its own max / 127."""
+    source = tiny_dir("z-image")
+    decoded = load_file(str(source / WEIGHTS))
+    for name in _quantized_linears(source):
+        weight = decoded[f"{name}.weight"]
+        step = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        decoded[f"{name}.weight"] = (weight / step).round().clamp(-127, 127) * step
+    reference = reference_image(_copy_with_weights(source, tmp_path / "reference", decoded), "z-image", 64, 96)
+    one, _ = _generate(source, "int8", 1)
+    assert max_pixel_difference(one, reference) <= 1
+    two, _ = _generate(source, "int8", 2)
+    assert max_pixel_difference(two, one) <= 1
+
+
+def test_lora_adapters_apply_on_top_of_quantized_layers(fp8_z_image, adapters):
+    """The adapter stays in the compute dtype; at TP=2 on FP8 base layers the image is diffusers'
+    with the decoded weights plus the same adapter."""
+    folder, reference_folder = fp8_z_image
+    path = adapters("z-image")["b"]
+    image, _ = _generate(folder, "fp8", 2, lora_modules={"b": str(path)})
+    expected = reference_image(reference_folder, "z-image", 64, 96, loras=((path, 1.0),))
+    assert max_pixel_difference(image, expected) <= 1
+    assert max_pixel_difference(image, reference_image(reference_folder, "z-image", 64, 96)) > 1
+
+
+def test_a_text_encoder_that_cannot_split_at_tp3_runs_on_two_ranks_and_the_image_is_tp1s():
+    """tiny/qwen-image's encoder (4 query heads over 2 KV heads) does not split over 3 ranks: it is
+    sharded over ranks 0-1 while the DiT uses all three."""
+    params = OmniDiffusionSamplingParams(num_inference_steps=2, height=64, width=64, seed=7)
+    images, held = {}, {}
+    for tp in (1, 3):
+        with Omni(model="tiny/qwen-image", parallel_config=DiffusionParallelConfig(tp)) as omni:
+            images[tp] = omni.generate("a red square", params)[0].images[0]
+            held[tp] = omni.rank_parameter_bytes()
+    assert max_pixel_difference(images[3], images[1]) <= 1
+    assert ["text_encoder" in rank for rank in held[3]] == [True, True, False]
+    assert all("transformer" in rank for rank in held[3])
