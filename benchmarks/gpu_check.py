@@ -5,7 +5,9 @@ no checkpoint is needed, on one device:
   of the engine eager, and of the engine compiled;
 - compile seconds of the first request, on a first start (cold: an empty compile cache) and on a
   second start that reads the cache, and how many graphs the cache answered;
-- the weights each component holds, and the peak device memory of a request (CUDA).
+- the weights each component holds, and the peak device memory of a request (CUDA);
+- the engine eager with FP8 weights (--quantization fp8): on GPUs with FP8 tensor cores its
+  layers run scaled FP8 matmuls (workers/quantization/weights.py), elsewhere dequantize per call.
 
 On CUDA the defaults are Z-Image-Turbo and Qwen-Image at 1024x1024, bf16, 8 steps (under 8 minutes
 on one H100/H200). Without CUDA the defaults are a tiny model at 64x64 in fp32: the same code path,
@@ -89,7 +91,11 @@ def check(model: str, size: int, steps: int, dtype: str, cache: str) -> list[str
                 f"{first.get('compile_cache_hits', 0)} read from the cache); second start "
                 f"{second.get('compile_s', 0):.1f} s ({second.get('compile_cache_hits', 0)} of "
                 f"{second.get('compiled_graphs', 0)} read) | {_mib(compiled)} |")
-    rows.append(f"| {model} | weights on rank 0 | {weights} | | | |")
+    _, fp8, held_fp8 = engine_run(model, size, steps, dtype, enforce_eager=True, quantization="fp8")
+    rows.append(f"| {model} | engine, eager, fp8 weights | {fp8['step_s']:.3f} | {plain / fp8['step_s']:.2f}x | - | "
+                f"{_mib(fp8)} |")
+    rows.append(f"| {model} | weights on rank 0 | {weights}; with fp8: transformer "
+                f"{format_size(held_fp8['transformer'])} | | | |")
     return rows
 
 

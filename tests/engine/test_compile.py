@@ -82,20 +82,22 @@ def test_z_image_compiled_matches_diffusers_and_compiles_nothing_after_warm_up(t
 
 def test_gpu_check_runs_on_cpu_and_a_second_start_compiles_nothing_new():
     """benchmarks/gpu_check.sh works before anyone spends GPU time on it: without CUDA it runs its
-    whole path (plain diffusers, the engine eager, compiled, a second compiled start) on a tiny model.
+    whole path (plain diffusers, the engine eager, compiled, a second compiled start, eager with FP8
+    weights) on a tiny model.
     On the run's compile cache, after the test above: what the second start compiles is all read back."""
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--size", str(SIZE), "--steps", "2",
                            "--compile-cache-dir", COMPILE_CACHE], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {row.split("|")[2].strip(): row for row in done.stdout.splitlines() if row.startswith("| tiny/z-image")}
-    assert set(rows) == {"plain diffusers", "engine, eager", "engine, compiled", "weights on rank 0"}, done.stdout
-    for run in ("plain diffusers", "engine, eager", "engine, compiled"):
+    assert set(rows) == {"plain diffusers", "engine, eager", "engine, compiled", "engine, eager, fp8 weights",
+                         "weights on rank 0"}, done.stdout
+    for run in ("plain diffusers", "engine, eager", "engine, compiled", "engine, eager, fp8 weights"):
         assert float(rows[run].split("|")[3]) > 0, rows[run]
     first, read, built = map(int, re.search(r"first start [\d.]+ s \((\d+) graphs.*second start [\d.]+ s "
                                             r"\((\d+) of (\d+) read", rows["engine, compiled"]).groups())
     assert first > 0 and read == built > 0, rows["engine, compiled"]
-    assert "transformer" in rows["weights on rank 0"]
+    assert "transformer" in rows["weights on rank 0"] and "with fp8: transformer" in rows["weights on rank 0"]
 
 
 def test_enforce_eager_is_the_cpu_default_and_compiled_can_be_asked_for():
