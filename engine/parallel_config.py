@@ -52,7 +52,8 @@ class DiffusionParallelConfig:
 
     @classmethod
     def auto(cls, num_devices: int, model: ResolvedModel, device_memory_bytes: int | None = None,
-             dtype: torch.dtype = torch.bfloat16) -> tuple[DiffusionParallelConfig, str]:
+             dtype: torch.dtype = torch.bfloat16,
+             quantization: str | None = None) -> tuple[DiffusionParallelConfig, str]:
         """The layout the published results favour on `num_devices`, and why: tensor parallelism
         only as far as the parameters need (they must fit in AUTO_PARAMETER_SHARE of a device),
         then CFG parallel for a model whose default sampling runs two branches, then Ulysses."""
@@ -64,7 +65,8 @@ class DiffusionParallelConfig:
         if device_memory_bytes is not None:
             budget = AUTO_PARAMETER_SHARE * device_memory_bytes
             for tp in (size for size in range(1, num_devices + 1) if num_devices % size == 0):
-                if _fits_tp(model, tp) and memory_report(model, tp, dtype, ranks=[0])[0].total <= budget:
+                held = memory_report(model, tp, dtype, ranks=[0], quantization=quantization)[0].total
+                if _fits_tp(model, tp) and held <= budget:
                     break
             else:
                 raise ValueError(f"{model.name} does not fit {num_devices} device(s) of "

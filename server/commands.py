@@ -61,7 +61,7 @@ def _auto_parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
         devices, device_memory = min(8, usable_cores()), None
     full_precision = args.dtype == "float32" or (args.dtype == "auto" and device_memory is None)  # auto on a CPU
     dtype = torch.float32 if full_precision else torch.bfloat16
-    config, reason = DiffusionParallelConfig.auto(devices, model, device_memory, dtype)
+    config, reason = DiffusionParallelConfig.auto(devices, model, device_memory, dtype, args.quantization)
     logger.info("--parallel auto on %d device(s): %s (%s)", devices, config.layout.describe(), reason)
     return config
 

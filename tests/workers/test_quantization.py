@@ -146,3 +146,22 @@ def test_tiled_decoding_bounds_the_vae_peak_at_2048():
     image_bytes = 2048 * 2048 * 128 * 2  # one full-resolution activation of the decoder's last stage
     assert peaks["whole"] >= 3 * image_bytes  # several are alive at once
     assert peaks["tiled"] <= peaks["whole"] / 3
+
+
+def test_a_text_encoder_listed_in_the_plan_is_quantized_too(tiny_dir):
+    """`quantization.components` is data: with the text encoder listed, its linear layers hold int8
+    (1 byte per weight) and its hidden states stay close to the float encoder's."""
+    from workers.parallel.sharded_loading import sharded_components
+    from workers.quantization.weights import QuantizedWeight
+
+    family = load_family("z-image")
+    component = sharded_components(family, tiny_dir("z-image"))[1]
+    directory = tiny_dir("z-image") / component.name
+    asked = Quantization("int8", components=("transformer", "text_encoder"))
+    plain, quantized = (load_component_shard(component, directory, 0, 1, torch.device("cpu"), torch.float32,
+                                             quantization=q) for q in (None, asked))
+    weights = [m for m in quantized.modules() if isinstance(m, QuantizedWeight)]
+    assert weights and all(w.values.dtype == torch.int8 for w in weights)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    expected, got = plain(input_ids=ids).last_hidden_state, quantized(input_ids=ids).last_hidden_state
+    assert (got - expected).norm() < 0.05 * expected.norm()

@@ -174,6 +174,8 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     group = _current().groups["tp"]
     if group.size == 1:
         return tensor
+    if torch.compiler.is_compiling():
+        return functional_collectives.all_reduce(tensor, "max", group.process_group or dist.group.WORLD)
     count("all_reduce", tensor.nbytes)
     with collective():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group.process_group)

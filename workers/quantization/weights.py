@@ -102,10 +102,9 @@ def quantize(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def _scaled_mm_works(x: torch.Tensor, shape: tuple[int, int]) -> bool:
-    """FP8 tensor cores, 16-aligned sides (cuBLASLt's rule), not inside a compiled graph."""
+    """FP8 tensor cores and 16-aligned sides (cuBLASLt's rule)."""
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
-            and shape[0] % 16 == 0 and shape[1] % 16 == 0
-            and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling())
+            and shape[0] % 16 == 0 and shape[1] % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def _scaled_fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
