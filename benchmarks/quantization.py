@@ -8,7 +8,8 @@
    forward at 512x512 in bf16, TP=1, formats interleaved --repeats times; ratio to bf16 of each
    repeat (median, min-max).
 3. The picture: PSNR of each format's image against the float32 one on builtin/shapes (same
-   prompts and seeds, TP=1), min over --prompts prompts.
+   prompts and seeds, TP=1), mean and min over --prompts prompts. Every format keeps the family's
+   `keep` layers (input and output) in float, GGUF files too, so the formats compare alike.
 
     python benchmarks/quantization.py [--repeats 3] [--prompts 4]
 """
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import shutil
 import statistics
@@ -111,6 +113,7 @@ def psnr_table(prompts: int) -> None:
              "yellow background", "a large green triangle at the bottom on a black background",
              "a small purple circle on the right on an orange background"][:prompts]
     params = OmniDiffusionSamplingParams(seed=5)
+    keep = model.family.quantization.keep
     images = {}
     with tempfile.TemporaryDirectory() as folder:
         gguf_model = shutil.copytree(model.path, Path(folder) / "shapes")
@@ -120,17 +123,20 @@ def psnr_table(prompts: int) -> None:
             if name in ("Q8_0", "Q4_K"):
                 for old in (gguf_model / "transformer").glob("*.gguf"):
                     old.unlink()
-                write_model_gguf(plain, gguf_model / "transformer" / "model.gguf", GGMLQuantizationType[name])
+                write_model_gguf(plain, gguf_model / "transformer" / "model.gguf", GGMLQuantizationType[name],
+                                 keep=lambda layer: any(fnmatch.fnmatchcase(layer, p) for p in keep))
                 path, quantization = gguf_model, "gguf"
             dtype = "float32" if name == "bf16" else "auto"
             with Omni(model=str(path), quantization=quantization, dtype=dtype) as omni:
                 images[name] = [np.asarray(omni.generate(p, params)[0].images[0]) for p in words]
     print(f"\nbuiltin/shapes, 128x128, 9 steps, fp32 compute: PSNR against unquantized float32 weights "
-          f"(min over {len(words)} prompts)")
-    print("| weights | PSNR dB |\n|---|---|")
+          f"({len(words)} prompts)")
+    print("| weights | PSNR dB, mean | min | max pixel difference |\n|---|---|---|---|")
     for name in FORMATS:
         if name != "bf16":
-            print(f"| {name} | {min(_psnr(a, b) for a, b in zip(images[name], images['bf16'])):.1f} |")
+            scores = [_psnr(a, b) for a, b in zip(images[name], images["bf16"])]
+            worst = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(images[name], images["bf16"]))
+            print(f"| {name} | {statistics.mean(scores):.1f} | {min(scores):.1f} | {worst} |")
 
 
 def main() -> None:
