@@ -181,7 +181,8 @@ def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig,
     """Fail before any process starts when a sharded component cannot be split over the TP ranks
     (in its GGUF blocks, if quantized so), or the DiT's heads (per TP rank) over the Ulysses ranks."""
     tp = parallel.tensor_parallel_size
-    check_tensor_split(model.family, model.path, tp, options.quantization, options.transformer_file)
+    check_tensor_split(model.family, model.path, tp, options.quantization, options.transformer_file,
+                       options.load_format == "dummy")
     if parallel.ulysses_degree > 1:
         fewest = fewest_dit_heads(model.family, model.path, tp)
         if fewest < parallel.ulysses_degree:

@@ -70,13 +70,18 @@ def describe_split(split: EncoderSplit, tensor_parallel_size: int) -> str:
 
 
 def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
-                       quantization: str | None = None, transformer_file: str | None = None) -> None:
+                       quantization: str | None = None, transformer_file: str | None = None,
+                       dummy: bool = False) -> None:
     """Raise ValueError when the DiT cannot split over the TP ranks, GGUF blocks included (those
     need the DiT built on meta and the file's header). Text encoders always fit: text_encoder_splits."""
     component = dit_component(family)
     config = component_config(component.library, component.class_name, model_path / component.name)
     ShardPlanner(component.plan, config, rank=0, world_size=tensor_parallel_size)
     asked = Quantization.parse(quantization, family.quantization)
+    if asked is not None and asked.method == "gguf" and not dummy and find_gguf(
+            model_path / "transformer", transformer_file) is None:
+        raise ValueError(f"quantization='gguf' reads the DiT from a .gguf file: none in {model_path / 'transformer'}; "
+                         "name one with --transformer-file (or use --load-format dummy with gguf:<type>)")
     if asked is not None and asked.method == "gguf" and tensor_parallel_size > 1:
         _shard_dit_on_meta(family, model_path, tensor_parallel_size, asked, transformer_file)
 

@@ -7,6 +7,7 @@ GGUF files, values x scales for FP8, and the per-row int8 rule written out here 
 from __future__ import annotations
 
 import fnmatch
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,16 @@ def test_a_text_encoder_that_cannot_split_at_tp3_runs_on_two_ranks_and_the_image
     assert max_pixel_difference(images[3], images[1]) <= 1
     assert ["text_encoder" in rank for rank in held[3]] == [True, True, False]
     assert all("transformer" in rank for rank in held[3])
+
+
+def test_bad_quantization_settings_fail_before_any_rank_starts():
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match=r"quantization='fp4' is not one of fp8, int8, gguf"):
+        Omni(model="tiny/z-image", quantization="fp4")
+    with pytest.raises(ValueError, match="transformer_file is a .gguf file: it needs quantization='gguf'"):
+        Omni(model="tiny/z-image", transformer_file="dit.gguf")
+    with pytest.raises(ValueError, match=r"none in .*transformer; name one with --transformer-file"):
+        Omni(model="tiny/z-image", quantization="gguf")
+    with pytest.raises(ValueError, match="GGUF type 'Q3_K' is not supported; supported: Q8_0, Q4_K, Q5_K, Q6_K"):
+        Omni(model="tiny/z-image", quantization="gguf:Q3_K", load_format="dummy")
+    assert set(multiprocessing.active_children()) == before

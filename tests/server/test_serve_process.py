@@ -27,8 +27,10 @@ def test_tensor_parallel_server_matches_tp1(z_image_server: ServerProcess, tp2_s
 
 
 def test_api_key_guards_v1_routes_only_and_the_playground_can_be_off(tmp_path):
-    # Random weights from the configuration (--load-format dummy): auth does not care, and the flag gets a server run.
-    server = ServerProcess(["tiny/z-image", "--log-level", "debug", "--load-format", "dummy", "--disable-playground"],
+    # Random weights from the configuration (--load-format dummy), quantized, VAE tiled and sliced: auth does
+    # not care, and those flags get a server run.
+    server = ServerProcess(["tiny/z-image", "--log-level", "debug", "--load-format", "dummy", "--disable-playground",
+                            "--quantization", "gguf:Q4_K", "--vae-use-tiling", "--vae-use-slicing"],
                            env={"DITSERVE_API_KEY": API_KEY})
     server.start(tmp_path / "serve.log")
     try:
@@ -42,7 +44,7 @@ def test_api_key_guards_v1_routes_only_and_the_playground_can_be_off(tmp_path):
         assert httpx.get(f"{server.url}/").status_code == 404  # --disable-playground
         good = server.client(api_key=API_KEY).images.generate(
             prompt="a cat", size="64x64", extra_body={"num_inference_steps": 1})
-        assert len(good.data) == 1
+        assert len(good.data) == 1 and pixels(good.data[0].b64_json).shape == (64, 64, 3)
     finally:
         server.stop()
     assert API_KEY not in server.log()
