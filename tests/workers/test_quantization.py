@@ -165,3 +165,15 @@ def test_a_text_encoder_listed_in_the_plan_is_quantized_too(tiny_dir):
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     expected, got = plain(input_ids=ids).last_hidden_state, quantized(input_ids=ids).last_hidden_state
     assert (got - expected).norm() < 0.05 * expected.norm()
+
+
+@pytest.mark.parametrize("kind", [T.F32, T.F16, T.BF16])
+def test_plain_gguf_tensors_read_as_column_slices(tmp_path, kind):
+    from workers.quantization.gguf_files import GgufCheckpoint, write_gguf
+    from workers.shard_slices import ShardSlices
+
+    weight = torch.randn(3, 8)
+    checkpoint = GgufCheckpoint(write_gguf(tmp_path / "plain.gguf", {"a.weight": weight}, lambda name, t: kind))
+    stored = weight.to(gguf_blocks.PLAIN[kind])
+    assert torch.equal(checkpoint.read("a.weight", None), stored)
+    assert torch.equal(checkpoint.read("a.weight", ShardSlices(1, [(0, 2), (5, 8)])), stored[:, [0, 1, 5, 6, 7]])

@@ -125,11 +125,14 @@ class RowParallelLinear(nn.Module):
         self.adapters = None  # a workers.lora.layers.AdapterSlot once a LoRA adapter touches this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = _matmul(self.weight, x, None, parallel_state.all_reduce_max)
+        partial = _matmul(self.weight, x, None, self._max_over_ranks)
         if self.adapters is not None:  # this rank's share of B A x joins the same all-reduce
             partial = self.adapters(x, partial)
         y = parallel_state.all_reduce(partial, self.group_name)
         return y if self.bias is None else y + self.bias
+
+    def _max_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return parallel_state.all_reduce_max(tensor, self.group_name)
 
     def extra_repr(self) -> str:
         ranges = _describe(shard_slices(self.weight).ranges)

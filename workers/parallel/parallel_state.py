@@ -168,10 +168,10 @@ def all_reduce(tensor: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of `tensor` over the tensor-parallel group (a process group: the
-    scaled-FP8 path on GPUs, the only caller)."""
-    group = _current().groups["tp"]
+def all_reduce_max(tensor: torch.Tensor, group_name: str = "tp") -> torch.Tensor:
+    """The elementwise maximum of `tensor` over the tensor-parallel group or a sub-group (a process
+    group: the scaled-FP8 path on GPUs, the only caller)."""
+    group = _current().groups[group_name]
     if group.size == 1:
         return tensor
     if torch.compiler.is_compiling():

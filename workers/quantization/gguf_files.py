@@ -50,7 +50,11 @@ class GgufCheckpoint:
         return GGMLQuantizationType(self._tensors[name].tensor_type)
 
     def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
+        """The slice of tensor `name`: in elements for F32/F16/BF16, in the stored bytes for blocks."""
         data = self._tensors[name].data
+        bf16 = self.gguf_type(name) == GGMLQuantizationType.BF16  # numpy has no bfloat16: rows of bytes
+        if bf16 and slices is not None and slices.dim == data.ndim - 1:
+            slices = ShardSlices(slices.dim, [(2 * start, 2 * end) for start, end in slices.ranges])
         if slices is not None:
             index = [slice(None)] * data.ndim
             parts = []
@@ -58,7 +62,8 @@ class GgufCheckpoint:
                 index[slices.dim] = slice(start, end)
                 parts.append(np.ascontiguousarray(data[tuple(index)]))
             data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=slices.dim)
-        return torch.from_numpy(np.array(data))  # a copy: the memory map stays read-only
+        tensor = torch.from_numpy(np.array(data))  # a copy: the memory map stays read-only
+        return tensor.view(torch.bfloat16) if bf16 else tensor
 
     def order(self, name: str) -> tuple:
         return (str(self.path), int(self._tensors[name].data_offset))
