@@ -184,7 +184,7 @@ def check_split(model: ResolvedModel, parallel: DiffusionParallelConfig,
     check_tensor_split(model.family, model.path, tp, options.quantization, options.transformer_file,
                        options.load_format == "dummy")
     if parallel.ulysses_degree > 1:
-        fewest = fewest_dit_heads(model.family, model.path, tp)
+        fewest = fewest_dit_heads(model.family, model.path, tp, options.quantization, options.transformer_file)
         if fewest < parallel.ulysses_degree:
             raise ValueError(
                 f"ulysses_degree={parallel.ulysses_degree} needs at least that many attention heads on every "

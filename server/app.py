@@ -46,9 +46,10 @@ def _report_loaded(engine: AsyncEngine, settings: ServerSettings, on_cannot_serv
     if engine.state is EngineState.STOPPED:
         return
     if engine.healthy:
-        logger.info("ditserve ready: serving %s at http://%s:%d (%s, max_batch_size=%d); try:\n%s",
+        weights = f", {engine.config.quantization} weights" if engine.config.quantization else ""
+        logger.info("ditserve ready: serving %s at http://%s:%d (%s%s, max_batch_size=%d); try:\n%s",
                     settings.served_model_name, settings.host, settings.port,
-                    engine.config.parallel_config.layout.describe(), engine.config.max_batch_size,
+                    engine.config.parallel_config.layout.describe(), weights, engine.config.max_batch_size,
                     example_curl(settings, engine.model.family.is_edit))
     else:
         logger.error("ditserve could not load %s; shutting down", settings.model)

@@ -8,6 +8,7 @@ files on the meta device, by the same code the ranks load with, so a plan that p
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,12 +88,14 @@ def check_tensor_split(family: FamilyConfig, model_path: Path, tensor_parallel_s
 
 
 def _shard_dit_on_meta(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
-                       quantization: Quantization, transformer_file: str | None) -> list[str]:
+                       quantization: Quantization, transformer_file: str | None, rank: int = 0) -> torch.nn.Module:
+    """TP rank `rank`'s DiT on meta, split and quantized as loading does (raises where it cannot)."""
     component = dit_component(family)
     directory = model_path / component.name
     model = build_meta_component(component.library, component.class_name, directory)
     checkpoint = _gguf_header(model, directory, component, quantization, transformer_file)
-    return shard_on_meta(model, component, 0, tensor_parallel_size, torch.float32, quantization, checkpoint)
+    shard_on_meta(model, component, rank, tensor_parallel_size, torch.float32, quantization, checkpoint)
+    return model
 
 
 def _gguf_header(model, directory: Path, component: ShardedComponent, quantization: Quantization | None,
@@ -106,8 +109,18 @@ def _gguf_header(model, directory: Path, component: ShardedComponent, quantizati
     return open_checkpoint(model, directory, component, quantization, transformer_file)
 
 
-def fewest_dit_heads(family: FamilyConfig, model_path: Path, tensor_parallel_size: int) -> int:
-    """The fewest query heads any TP rank holds in any attention layout of the DiT (Ulysses splits those)."""
+def fewest_dit_heads(family: FamilyConfig, model_path: Path, tensor_parallel_size: int,
+                     quantization: str | None = None, transformer_file: str | None = None) -> int:
+    """The fewest query heads any TP rank holds in any attention layout of the DiT (Ulysses splits
+    those). GGUF blocks may move head splits: then the last rank, which holds the fewest, is built
+    on meta and its attention modules asked."""
+    asked = Quantization.parse(quantization, family.quantization)
+    if asked is not None and asked.method == "gguf" and tensor_parallel_size > 1:
+        dit = _shard_dit_on_meta(family, model_path, tensor_parallel_size, asked, transformer_file,
+                                 rank=tensor_parallel_size - 1)
+        patterns = [rule.pattern for rule in family.tensor_parallel.attention]
+        return min(module.heads for name, module in dit.named_modules()
+                   if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
     component = sharded_components(family, model_path)[0]
     config = component_config(component.library, component.class_name, model_path / component.name)
     fewest = []

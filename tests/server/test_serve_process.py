@@ -45,6 +45,7 @@ def test_api_key_guards_v1_routes_only_and_the_playground_can_be_off(tmp_path):
         good = server.client(api_key=API_KEY).images.generate(
             prompt="a cat", size="64x64", extra_body={"num_inference_steps": 1})
         assert len(good.data) == 1 and pixels(good.data[0].b64_json).shape == (64, 64, 3)
+        assert "(tensor_parallel_size=1, gguf:Q4_K weights, max_batch_size=8)" in server.log()
     finally:
         server.stop()
     assert API_KEY not in server.log()

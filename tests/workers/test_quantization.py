@@ -20,7 +20,7 @@ from engine import resolve_model
 from engine.models.published_models import cached_published_configs
 from workers.messages import RankLayout
 from workers.parallel.sharded_loading import dit_component, load_component_shard
-from workers.planning import check_tensor_split, rank_memory, vae_decode_peaks
+from workers.planning import check_tensor_split, fewest_dit_heads, rank_memory, vae_decode_peaks
 from workers.quantization import gguf_blocks
 from workers.quantization.gguf_files import write_model_gguf
 from workers.quantization.schemes import Quantization
@@ -81,6 +81,9 @@ def test_a_split_that_would_cut_blocks_moves_to_their_boundaries_and_is_reported
     assert any("n_heads=6 heads split 4/2 over the TP ranks to keep" in line and "Q8_0 blocks of 32 columns" in line
                for line in moved), moved
     assert ranks[0].dit_sharded > ranks[1].dit_sharded  # rank 0 holds four heads, rank 1 two
+    # Ulysses splits a rank's heads: the check sees the moved split (two heads on rank 1, not three)
+    assert fewest_dit_heads(q8_z_image.family, q8_z_image.path, 2) == 3
+    assert fewest_dit_heads(q8_z_image.family, q8_z_image.path, 2, "gguf") == 2
 
 
 def test_a_split_that_cannot_keep_blocks_whole_names_the_layer_and_the_sizes_that_work(q8_z_image):
