@@ -175,3 +175,46 @@ def test_bad_quantization_settings_fail_before_any_rank_starts():
     with pytest.raises(ValueError, match="GGUF type 'Q3_K' is not supported; supported: Q8_0, Q4_K, Q5_K, Q6_K"):
         Omni(model="tiny/z-image", quantization="gguf:Q3_K", load_format="dummy")
     assert set(multiprocessing.active_children()) == before
+
+
+def _original_z_image_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Z-Image's own checkpoint layout (ComfyUI's files, `model.diffusion_model.` prefix included):
+    q/k/v fused into one `qkv`, the output projection `out`, other names for norms and the ends."""
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+    original = {}
+    for name, tensor in weights.items():
+        if ".attention.to_k.weight" in name or ".attention.to_v.weight" in name:
+            continue
+        if ".attention.to_q.weight" in name:
+            parts = [weights[name.replace("to_q", which)] for which in ("to_q", "to_k", "to_v")]
+            name, tensor = name.replace("to_q", "qkv"), torch.cat(parts)
+        for new, old in renames.items():
+            name = name.replace(new, old)
+        original[f"model.diffusion_model.{name}"] = tensor
+    return original
+
+
+def test_a_gguf_file_in_the_original_layout_reads_through_diffusers_converter(tiny_dir, tmp_path):
+    """A Z-Image GGUF with its original names and fused q/k/v in Q8_0: each diffusers tensor is read
+    as rows of the stored ones (q, k and v rows of the fused blocks, never decoded whole); 2-D
+    tensors that load as plain parameters (the pad tokens) are stored in blocks too and decoded at
+    load. The image is diffusers' on the decoded weights, and TP=2 gives TP=1's."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    from workers.quantization.gguf_files import write_gguf
+
+    source = tiny_dir("z-image")
+    weights = load_file(str(source / WEIGHTS))
+    folder = shutil.copytree(source, tmp_path / "original")
+    gguf_file = write_gguf(folder / "transformer" / "model.gguf", _original_z_image_names(weights),
+                           lambda name, t: T.Q8_0 if t.dim() == 2 and t.shape[1] % 32 == 0 else T.F32)
+    decoded = {name.removeprefix("model.diffusion_model."): t for name, t in dequantized_state_dict(gguf_file).items()}
+    reference = convert_z_image_transformer_checkpoint_to_diffusers(decoded)
+    assert set(reference) == set(weights)
+    expected = reference_image(_copy_with_weights(source, tmp_path / "reference", reference), "z-image", 64, 96)
+    one, _ = _generate(folder, "gguf", 1)
+    assert max_pixel_difference(one, expected) <= 1
+    two, _ = _generate(folder, "gguf", 2)
+    assert max_pixel_difference(two, one) <= 1

@@ -180,3 +180,50 @@ def test_plain_gguf_tensors_read_as_column_slices(tmp_path, kind):
     stored = weight.to(gguf_blocks.PLAIN[kind])
     assert torch.equal(checkpoint.read("a.weight", None), stored)
     assert torch.equal(checkpoint.read("a.weight", ShardSlices(1, [(0, 2), (5, 8)])), stored[:, [0, 1, 5, 6, 7]])
+
+
+def _flux_original_shapes() -> dict[str, tuple[int, ...]]:
+    """FLUX.1's own checkpoint layout (Black Forest Labs' names, as ComfyUI's and city96's GGUF
+    files keep them) for one double and one single block at full width."""
+    d, mlp, head, shapes = 3072, 12288, 128, {}
+    for name, (rows, columns) in {"img_in": (d, 64), "txt_in": (d, 4096), "time_in.in_layer": (d, 256),
+                                  "time_in.out_layer": (d, d), "vector_in.in_layer": (d, 768),
+                                  "vector_in.out_layer": (d, d), "guidance_in.in_layer": (d, 256),
+                                  "guidance_in.out_layer": (d, d), "final_layer.linear": (64, d),
+                                  "final_layer.adaLN_modulation.1": (2 * d, d),
+                                  "single_blocks.0.linear1": (3 * d + mlp, d), "single_blocks.0.linear2": (d, d + mlp),
+                                  "single_blocks.0.modulation.lin": (3 * d, d)}.items():
+        shapes.update({f"{name}.weight": (rows, columns), f"{name}.bias": (rows,)})
+    for stream in ("img", "txt"):
+        block = f"double_blocks.0.{stream}"
+        for name, (rows, columns) in {"mod.lin": (6 * d, d), "attn.qkv": (3 * d, d), "attn.proj": (d, d),
+                                      "mlp.0": (mlp, d), "mlp.2": (d, mlp)}.items():
+            shapes.update({f"{block}_{name}.weight": (rows, columns), f"{block}_{name}.bias": (rows,)})
+        shapes.update({f"{block}_attn.norm.{n}.scale": (head,) for n in ("query_norm", "key_norm")})
+    shapes.update({f"single_blocks.0.norm.{n}.scale": (head,) for n in ("query_norm", "key_norm")})
+    return shapes
+
+
+def test_flux_original_names_map_onto_every_diffusers_tensor_as_rows():
+    """diffusers' FLUX converter, run on row placeholders: every tensor of the diffusers model is
+    covered with its shape, fused q/k/v and single-block projections are row ranges, and the final
+    modulation's shift and scale halves are swapped (so reading takes rows, never decodes)."""
+    import diffusers
+
+    from workers.quantization.original_names import diffusers_layout
+
+    layout = diffusers_layout("FluxTransformer2DModel", _flux_original_shapes())
+    config = json.loads((cached_published_configs("black-forest-labs/FLUX.1-dev") / "transformer" /
+                         "config.json").read_text())
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert {name: tuple(layout[name].shape) for name in expected} == expected
+    d = 3072
+    assert layout["transformer_blocks.0.attn.to_k.weight"].parts == (("double_blocks.0.img_attn.qkv.weight", d, 2 * d),)
+    mlp_bias = layout["single_transformer_blocks.0.proj_mlp.bias"]
+    assert mlp_bias.parts == (("single_blocks.0.linear1.bias", 3 * d, 7 * d),)
+    assert layout["norm_out.linear.weight"].parts == (("final_layer.adaLN_modulation.1.weight", d, 2 * d),
+                                                      ("final_layer.adaLN_modulation.1.weight", 0, d))
+    assert layout["norm_out.linear.weight"].rows(d - 2, d + 2).parts == (
+        ("final_layer.adaLN_modulation.1.weight", 2 * d - 2, 2 * d), ("final_layer.adaLN_modulation.1.weight", 0, 2))

@@ -170,7 +170,7 @@ def open_checkpoint(model: nn.Module, directory: Path, component: ShardedCompone
         if path is None:
             raise FileNotFoundError(f"--quantization gguf: no .gguf file in {directory}; "
                                     "name one with --transformer-file")
-        return GgufCheckpoint(path)
+        return GgufCheckpoint(path, set(model.state_dict()), type(model).__name__)
     return SafetensorsCheckpoint(_tensor_locations(model, directory))
 
 

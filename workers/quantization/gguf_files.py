@@ -1,8 +1,9 @@
 """GGUF files of a DiT: reading this rank's slices of its tensors (gguf's memory-mapped reader, so
 only the slice is read from disk), and writing one from a float state dict (tests, benchmarks).
 
-Tensor names are the diffusers model's own (the layout Qwen-Image's and Z-Image's GGUF releases
-use); a `model.diffusion_model.` prefix, as ComfyUI writes it, is dropped.
+Tensor names are the diffusers model's own (as Qwen-Image's GGUF releases have them) or the
+model's original ones (FLUX.1's and Z-Image's, read through diffusers' converter); a
+`model.diffusion_model.` prefix, as ComfyUI writes it, is dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from workers.quantization import gguf_blocks
+from workers.quantization.original_names import Rows, diffusers_layout
 from workers.shard_slices import ShardSlices
 
 PREFIXES = ("model.diffusion_model.",)
@@ -31,45 +33,70 @@ def find_gguf(directory: Path, file: str | None = None) -> Path | None:
 
 
 class GgufCheckpoint:
-    """Tensor name -> its slice, as a torch tensor (uint8 block rows for quantized types)."""
+    """Model tensor name -> its slice, as a torch tensor (uint8 block rows for quantized types).
 
-    def __init__(self, path: Path):
+    `expected`: the model's tensor names. When the file lacks them it is taken to be in the model's
+    original layout and read through diffusers' converter for `class_name` (original_names.py).
+    """
+
+    def __init__(self, path: Path, expected: set[str] = frozenset(), class_name: str = ""):
         self.path = path
-        self._tensors = {}
+        self._stored = {}
         for tensor in GGUFReader(path).tensors:
             name = next((tensor.name.removeprefix(p) for p in PREFIXES if tensor.name.startswith(p)), tensor.name)
-            self._tensors[name] = tensor
+            self._stored[name] = tensor
+        self._layout: dict[str, Rows] = {
+            name: Rows(((name, 0, shape[0]),), shape[1:]) for name, shape in self._shapes().items()}
+        if expected and not expected <= set(self._stored):
+            self._layout = diffusers_layout(class_name, self._shapes())
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._stored.items()}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
+        return name in self._layout
 
     def gguf_type(self, name: str) -> GGMLQuantizationType:
-        return GGMLQuantizationType(self._tensors[name].tensor_type)
+        return self._type_of(self._layout[name].parts[0][0])
+
+    def _type_of(self, stored: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(self._stored[stored].tensor_type)
 
     def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
-        """The slice of tensor `name`: in elements for F32/F16/BF16, in the stored bytes for blocks."""
-        data = self._tensors[name].data
-        bf16 = self.gguf_type(name) == GGMLQuantizationType.BF16  # numpy has no bfloat16: rows of bytes
-        if bf16 and slices is not None and slices.dim == data.ndim - 1:
-            slices = ShardSlices(slices.dim, [(2 * start, 2 * end) for start, end in slices.ranges])
-        if slices is not None:
-            index = [slice(None)] * data.ndim
-            parts = []
-            for start, end in slices.ranges:
-                index[slices.dim] = slice(start, end)
-                parts.append(np.ascontiguousarray(data[tuple(index)]))
-            data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=slices.dim)
+        """The slice of tensor `name` as numbers (a tensor stored in blocks that loads as a plain
+        parameter is decoded)."""
+        if self.gguf_type(name) in gguf_blocks.PLAIN:
+            return self.read_blocks(name, slices)
+        rows = self.read_blocks(name, slices if slices is not None and slices.dim == 0 else None)
+        dense = gguf_blocks.dequantize(rows, self.gguf_type(name), torch.float32)
+        if slices is None or slices.dim == 0:
+            return dense
+        return torch.cat([dense[:, start:end] for start, end in slices.ranges], dim=1)
+
+    def read_blocks(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
+        """The slice of tensor `name` as stored: elements for F32/F16/BF16, bytes of block rows else."""
+        rows = self._layout[name]
+        if slices is not None and slices.dim == 0:
+            parts = [part for start, end in slices.ranges for part in rows.rows(start, end).parts]
+            columns = None
+        else:
+            parts, columns = rows.parts, slices
+        return torch.cat([self._read_stored(stored, start, end, columns) for stored, start, end in parts])
+
+    def _read_stored(self, stored: str, start: int, end: int, columns: ShardSlices | None) -> torch.Tensor:
+        data = self._stored[stored].data[start:end]
+        bf16 = self._type_of(stored) == GGMLQuantizationType.BF16  # numpy has no bfloat16: rows of bytes
+        if columns is not None:
+            width = 2 if bf16 else 1
+            data = np.concatenate([data[:, width * a:width * b] for a, b in columns.ranges], axis=1)
         tensor = torch.from_numpy(np.array(data))  # a copy: the memory map stays read-only
         return tensor.view(torch.bfloat16) if bf16 else tensor
 
     def order(self, name: str) -> tuple:
-        return (str(self.path), int(self._tensors[name].data_offset))
+        return (str(self.path), int(self._stored[self._layout[name].parts[0][0]].data_offset))
 
     def close(self) -> None:
-        self._tensors.clear()  # the memory map goes with the last reference
+        self._stored.clear()  # the memory map goes with the last reference
 
 
 TypeChooser = Callable[[str, torch.Tensor], GGMLQuantizationType]

@@ -137,7 +137,7 @@ def read_quantized(name: str, weight: QuantizedWeight, checkpoint) -> dict[str, 
     """This rank's stored tensors of weight `name` ("<layer>.weight"), keyed by their model names."""
     slices = shard_slices(weight)
     if weight.method == "gguf":
-        return {f"{name}.values": checkpoint.read(name, shard_slices(weight.values))}
+        return {f"{name}.values": checkpoint.read_blocks(name, shard_slices(weight.values))}
     tensors = {}
     if checkpoint.dtype(name) == torch.float8_e4m3fn:
         tensors["values"] = checkpoint.read(name, slices)
