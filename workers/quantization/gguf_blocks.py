@@ -82,6 +82,15 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return values.reshape(count, 256)
 
 
+def type_for_rows(in_features: int, kind: GGMLQuantizationType) -> GGMLQuantizationType | None:
+    """`kind` where rows of `in_features` are whole blocks of it, else Q8_0 where they are whole
+    Q8_0 blocks (as GGUF converters fall back), else None (the tensor stays plain)."""
+    for candidate in (kind, GGMLQuantizationType.Q8_0):
+        if candidate in PLAIN or in_features % block_format(candidate).elements == 0:
+            return candidate
+    return None
+
+
 _DEQUANTIZERS = {
     GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q4_K: _q4_k,

@@ -111,10 +111,8 @@ def write_model_gguf(model: torch.nn.Module, path: Path, kind: GGMLQuantizationT
               if isinstance(module, torch.nn.Linear) and not keep(name)}
 
     def choose(name: str, tensor: torch.Tensor) -> GGMLQuantizationType:
-        for candidate in (kind, GGMLQuantizationType.Q8_0):
-            if name in linear and linear[name] % gguf_blocks.block_format(candidate).elements == 0:
-                return candidate
-        return GGMLQuantizationType.F32
+        chosen = gguf_blocks.type_for_rows(linear[name], kind) if name in linear else None
+        return chosen or GGMLQuantizationType.F32
 
     return write_gguf(path, {name: t.detach().float() for name, t in model.state_dict().items()}, choose)
 

@@ -24,7 +24,7 @@ from torch import nn
 from configs import QuantizationPlan
 from workers.module_tree import owner_of
 from workers.quantization import gguf_blocks
-from workers.quantization.weights import METHODS, QuantizedLinear, QuantizedWeight, fits_blocks, quantize
+from workers.quantization.weights import METHODS, QuantizedLinear, QuantizedWeight, quantize
 from workers.shard_slices import shard_slices
 
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")  # compressed-tensors / ComfyUI "scaled fp8"
@@ -83,7 +83,7 @@ def weight_formats(model: nn.Module, quantization: Quantization, checkpoint=None
             continue
         key = f"{name}.weight"
         if quantization.method == "gguf":
-            kind = checkpoint.gguf_type(key) if checkpoint is not None else _dummy_gguf_type(
+            kind = checkpoint.gguf_type(key) if checkpoint is not None else gguf_blocks.type_for_rows(
                 module.in_features, GGMLQuantizationType[quantization.gguf_type.upper()])
             if kind is not None and kind not in gguf_blocks.PLAIN:
                 if kind not in gguf_blocks.SUPPORTED:
@@ -100,13 +100,6 @@ def weight_formats(model: nn.Module, quantization: Quantization, checkpoint=None
         per_channel = not stored_fp8 or (scale is not None and checkpoint.numel(scale) > 1)
         formats[name] = WeightFormat(quantization.method, per_channel=per_channel)
     return formats
-
-
-def _dummy_gguf_type(in_features: int, kind: GGMLQuantizationType) -> GGMLQuantizationType | None:
-    for candidate in (kind, GGMLQuantizationType.Q8_0):
-        if fits_blocks(in_features, candidate):
-            return candidate
-    return None
 
 
 def _scale_key(checkpoint, layer: str) -> str | None:

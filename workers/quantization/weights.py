@@ -10,7 +10,6 @@ rounds the activations alike.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -135,11 +134,3 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight.linear(x, self.bias)
 
-
-def fits_blocks(in_features: int, gguf_type: GGMLQuantizationType) -> bool:
-    return gguf_type in gguf_blocks.PLAIN or in_features % gguf_blocks.block_format(gguf_type).elements == 0
-
-
-def head_unit(head_dim: int, block: int) -> int:
-    """Heads per indivisible unit when a head's columns are stored in blocks of `block`."""
-    return math.lcm(head_dim, block) // head_dim
