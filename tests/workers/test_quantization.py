@@ -227,3 +227,35 @@ def test_flux_original_names_map_onto_every_diffusers_tensor_as_rows():
                                                       ("final_layer.adaLN_modulation.1.weight", 0, d))
     assert layout["norm_out.linear.weight"].rows(d - 2, d + 2).parts == (
         ("final_layer.adaLN_modulation.1.weight", 2 * d - 2, 2 * d), ("final_layer.adaLN_modulation.1.weight", 0, 2))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_scaled_fp8_matmul_rounds_activations_per_row_alike_in_every_layout(per_channel):
+    """The FP8-GPU path (torch._scaled_mm, which this torch also runs on CPU): activations quantized
+    per row with that row's max, so the result is the float product of both rounded operands; a
+    row-parallel split whose ranks share each row's max over all columns sums to the same result."""
+    from workers.quantization.weights import FP8, FP8_MAX, QuantizedWeight, _scaled_fp8_linear
+
+    generator = torch.Generator().manual_seed(4)
+    weight, x = torch.randn(32, 64, generator=generator), torch.randn(2, 5, 64, generator=generator).bfloat16()
+
+    def fp8_weight(columns: slice) -> QuantizedWeight:
+        stored = QuantizedWeight("fp8", (32, columns.stop - columns.start), torch.bfloat16, per_channel=per_channel,
+                                 device="cpu")
+        values, scale = quantize(weight, "fp8")
+        if not per_channel:
+            scale = weight.abs().amax() / FP8_MAX
+            values = (weight / scale).to(FP8)
+        stored.values, stored.scale = values[:, columns].contiguous(), scale
+        return stored
+
+    whole = _scaled_fp8_linear(x, fp8_weight(slice(0, 64)), None, None)
+    row_max = x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    rounded = (x.float() / row_max).to(FP8).float() * row_max
+    expected = rounded @ fp8_weight(slice(0, 64)).dequantize(torch.float32).T
+    assert whole.shape == (2, 5, 32) and whole.dtype == torch.bfloat16
+    torch.testing.assert_close(whole.float(), expected, rtol=2e-2, atol=2e-2)
+    halves = [slice(0, 24), slice(24, 64)]
+    amax = torch.maximum(*(x[..., h].float().abs().amax(dim=-1).reshape(-1, 1) for h in halves))
+    partials = [_scaled_fp8_linear(x[..., h], fp8_weight(h), None, lambda local, amax=amax: amax) for h in halves]
+    torch.testing.assert_close((partials[0].float() + partials[1].float()), whole.float(), rtol=2e-2, atol=3e-2)
