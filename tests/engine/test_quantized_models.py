@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file, save_file
 
 from configs import load_family
-from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from engine import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams, WorkerStartupError
 from engine.models.tiny_models import cached_tiny_model
 from tests.helpers import REFERENCE_PROMPT, REFERENCE_SEED, REFERENCE_STEPS, max_pixel_difference, reference_image
 from workers.quantization.gguf_files import dequantized_state_dict, write_model_gguf
@@ -218,3 +218,38 @@ def test_a_gguf_file_in_the_original_layout_reads_through_diffusers_converter(ti
     assert max_pixel_difference(one, expected) <= 1
     two, _ = _generate(folder, "gguf", 2)
     assert max_pixel_difference(two, one) <= 1
+
+
+def test_an_fp8_checkpoint_in_the_original_layout_splits_its_fused_rows_and_their_scales(tiny_dir, tmp_path):
+    """ComfyUI-style FP8 safetensors in Z-Image's own names: the fused q/k/v weight in float8 with
+    one scale per output row (split into q, k and v rows with their weights), the other layers with
+    one per-tensor `scale_weight`. The image is diffusers' on the decoded weights."""
+    source = tiny_dir("z-image")
+    weights = load_file(str(source / WEIGHTS))
+    original = _original_z_image_names(weights)
+    stored, decoded = dict(original), {}
+    for name, tensor in original.items():
+        layer = name.removesuffix(".weight")
+        if not name.endswith(".weight") or tensor.dim() != 2 or "embedder" in name or "final_layer" in name:
+            continue
+        per_row = ".qkv." in name
+        scale = tensor.abs().amax(dim=1, keepdim=True) / 448 if per_row else tensor.abs().amax() / 448
+        stored[name] = (tensor / scale).to(torch.float8_e4m3fn)
+        stored[f"{layer}.weight_scale" if per_row else f"{layer}.scale_weight"] = scale
+        decoded[name] = stored[name].float() * scale
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    reference = convert_z_image_transformer_checkpoint_to_diffusers(
+        {name.removeprefix("model.diffusion_model."): decoded.get(name, t) for name, t in original.items()})
+    expected = reference_image(_copy_with_weights(source, tmp_path / "reference", reference), "z-image", 64, 96)
+    folder = _copy_with_weights(source, tmp_path / "fp8-original", stored)
+    one, _ = _generate(folder, "fp8", 1)
+    assert max_pixel_difference(one, expected) <= 1
+    two, _ = _generate(folder, "fp8", 2)
+    assert max_pixel_difference(two, one) <= 1
+
+
+def test_an_fp8_checkpoint_served_without_fp8_fails_to_load_saying_so(fp8_z_image):
+    folder, _ = fp8_z_image
+    with pytest.raises(WorkerStartupError, match="is stored in float8: serve the model with --quantization fp8"):
+        Omni(model=str(folder))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from configs import FamilyConfig, TensorParallelPlan, load_text_encoder_plans
 from workers.module_tree import owner_of
 from workers.parallel.tensor_parallel import apply_plan
 from workers.quantization.gguf_files import GgufCheckpoint, find_gguf
+from workers.quantization.original_names import RowCheckpoint
 from workers.quantization.schemes import (
     Quantization,
     fill_randomly,
@@ -165,59 +165,66 @@ def open_checkpoint(model: nn.Module, directory: Path, component: ShardedCompone
                     quantization: Quantization | None, gguf_file: str | None = None):
     """Where the component's tensors are read from: a GGUF file (the DiT under --quantization gguf)
     or its safetensors files."""
+    expected = {name for name, _ in model.named_parameters()}
     if quantization is not None and quantization.method == "gguf" and quantization.applies_to(component.name):
         path = find_gguf(directory, gguf_file)
         if path is None:
             raise FileNotFoundError(f"--quantization gguf: no .gguf file in {directory}; "
                                     "name one with --transformer-file")
-        return GgufCheckpoint(path, set(model.state_dict()), type(model).__name__)
-    return SafetensorsCheckpoint(_tensor_locations(model, directory))
+        return GgufCheckpoint(path, expected, type(model).__name__)
+    return SafetensorsCheckpoint(_tensor_locations(model, directory), expected, type(model).__name__)
 
 
-class SafetensorsCheckpoint:
-    """Model tensor name -> its slice from the safetensors files; headers answer dtype and size."""
+class SafetensorsCheckpoint(RowCheckpoint):
+    """Model tensor name -> its slice from the safetensors files; headers answer dtype and size. A
+    DiT file without the model's names (`expected`) is read in its original layout (ComfyUI's FP8
+    files) through diffusers' converter for `class_name`."""
 
     _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
                "I8": torch.int8, "U8": torch.uint8, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
 
-    def __init__(self, locations: dict[str, tuple[Path, str]]):
+    def __init__(self, locations: dict[str, tuple[Path, str]], expected: set[str] = frozenset(),
+                 class_name: str = ""):
         self.locations = locations
         self._files = ExitStack()
         self._handles: dict[Path, Any] = {}
+        self._set_layout(expected, class_name)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.locations
-
-    def _handle(self, name: str):
-        path, key = self.locations[name]
+    def _handle(self, stored: str):
+        path, key = self.locations[stored]
         if path not in self._handles:
             self._handles[path] = self._files.enter_context(safe_open(path, framework="pt", device="cpu"))
         return self._handles[path], key
 
-    def _view(self, name: str):
-        handle, key = self._handle(name)
+    def _view(self, stored: str):
+        handle, key = self._handle(stored)
         return handle.get_slice(key)
 
-    def dtype(self, name: str) -> torch.dtype | None:
-        return self._DTYPES.get(self._view(name).get_dtype()) if name in self.locations else None
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {stored: tuple(self._view(stored).get_shape()) for stored in self.locations}
 
-    def numel(self, name: str) -> int:
-        return math.prod(self._view(name).get_shape())
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self._DTYPES.get(self._view(self.stored_name(name)).get_dtype()) if name in self else None
 
     def read(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
-        if slices is None:
-            handle, key = self._handle(name)
+        return self.read_rows(name, slices)
+
+    def _read_stored(self, stored: str, start: int, end: int, columns: ShardSlices | None) -> torch.Tensor:
+        if self._shapes[stored] == ():
+            handle, key = self._handle(stored)
             return handle.get_tensor(key)
-        view = self._view(name)
-        index = [slice(None)] * len(view.get_shape())
+        view = self._view(stored)
+        index = [slice(start, end)] + [slice(None)] * (len(self._shapes[stored]) - 1)
+        if columns is None:
+            return view[tuple(index)]
         parts = []
-        for start, end in slices.ranges:
-            index[slices.dim] = slice(start, end)
+        for a, b in columns.ranges:
+            index[columns.dim] = slice(a, b)
             parts.append(view[tuple(index)])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=slices.dim)
+        return torch.cat(parts, dim=columns.dim)
 
     def order(self, name: str) -> tuple:
-        return tuple(map(str, self.locations[name]))
+        return tuple(map(str, self.locations[self.stored_name(name)]))
 
     def close(self) -> None:
         self._files.close()
@@ -321,7 +328,10 @@ def _load_parameters(model: nn.Module, checkpoint, device: torch.device, dtype: 
 
 
 def _read_plain(checkpoint, name: str, slices: ShardSlices | None) -> dict[str, torch.Tensor]:
-    return {name: checkpoint.read(name, slices)}
+    tensor = checkpoint.read(name, slices)
+    if tensor.dtype == torch.float8_e4m3fn:  # cast without its scale it would be wrong by that factor
+        raise ValueError(f"{name} is stored in float8: serve the model with --quantization fp8")
+    return {name: tensor}
 
 
 def _read_ahead(reads: list[Callable[[], dict[str, torch.Tensor]]], pin: bool) -> Iterator[dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from workers.quantization import gguf_blocks
-from workers.quantization.original_names import Rows, diffusers_layout
+from workers.quantization.original_names import RowCheckpoint
 from workers.shard_slices import ShardSlices
 
 PREFIXES = ("model.diffusion_model.",)
@@ -32,12 +32,10 @@ def find_gguf(directory: Path, file: str | None = None) -> Path | None:
     return found[0] if found else None
 
 
-class GgufCheckpoint:
-    """Model tensor name -> its slice, as a torch tensor (uint8 block rows for quantized types).
-
-    `expected`: the model's tensor names. When the file lacks them it is taken to be in the model's
-    original layout and read through diffusers' converter for `class_name` (original_names.py).
-    """
+class GgufCheckpoint(RowCheckpoint):
+    """Model tensor name -> its slice, as numbers (`read`) or as stored (`read_blocks`: uint8 block
+    rows for quantized types). A file without the model's names (`expected`) is read in its
+    original layout through diffusers' converter for `class_name`."""
 
     def __init__(self, path: Path, expected: set[str] = frozenset(), class_name: str = ""):
         self.path = path
@@ -45,19 +43,13 @@ class GgufCheckpoint:
         for tensor in GGUFReader(path).tensors:
             name = next((tensor.name.removeprefix(p) for p in PREFIXES if tensor.name.startswith(p)), tensor.name)
             self._stored[name] = tensor
-        self._layout: dict[str, Rows] = {
-            name: Rows(((name, 0, shape[0]),), shape[1:]) for name, shape in self._shapes().items()}
-        if expected and not expected <= set(self._stored):
-            self._layout = diffusers_layout(class_name, self._shapes())
+        self._set_layout(expected, class_name)
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._stored.items()}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._layout
-
     def gguf_type(self, name: str) -> GGMLQuantizationType:
-        return self._type_of(self._layout[name].parts[0][0])
+        return self._type_of(self.stored_name(name))
 
     def _type_of(self, stored: str) -> GGMLQuantizationType:
         return GGMLQuantizationType(self._stored[stored].tensor_type)
@@ -66,8 +58,8 @@ class GgufCheckpoint:
         """The slice of tensor `name` as numbers (a tensor stored in blocks that loads as a plain
         parameter is decoded)."""
         if self.gguf_type(name) in gguf_blocks.PLAIN:
-            return self.read_blocks(name, slices)
-        rows = self.read_blocks(name, slices if slices is not None and slices.dim == 0 else None)
+            return self.read_rows(name, slices)
+        rows = self.read_rows(name, slices if slices is not None and slices.dim == 0 else None)
         dense = gguf_blocks.dequantize(rows, self.gguf_type(name), torch.float32)
         if slices is None or slices.dim == 0:
             return dense
@@ -75,25 +67,24 @@ class GgufCheckpoint:
 
     def read_blocks(self, name: str, slices: ShardSlices | None) -> torch.Tensor:
         """The slice of tensor `name` as stored: elements for F32/F16/BF16, bytes of block rows else."""
-        rows = self._layout[name]
-        if slices is not None and slices.dim == 0:
-            parts = [part for start, end in slices.ranges for part in rows.rows(start, end).parts]
-            columns = None
-        else:
-            parts, columns = rows.parts, slices
-        return torch.cat([self._read_stored(stored, start, end, columns) for stored, start, end in parts])
+        return self.read_rows(name, slices)
 
     def _read_stored(self, stored: str, start: int, end: int, columns: ShardSlices | None) -> torch.Tensor:
         data = self._stored[stored].data[start:end]
         bf16 = self._type_of(stored) == GGMLQuantizationType.BF16  # numpy has no bfloat16: rows of bytes
-        if columns is not None:
-            width = 2 if bf16 else 1
-            data = np.concatenate([data[:, width * a:width * b] for a, b in columns.ranges], axis=1)
+        if columns is not None:  # on the last dim, bytes of BF16 elements two by two
+            width = 2 if bf16 and columns.dim == data.ndim - 1 else 1
+            index = [slice(None)] * data.ndim
+            parts = []
+            for a, b in columns.ranges:
+                index[columns.dim] = slice(width * a, width * b)
+                parts.append(data[tuple(index)])
+            data = np.concatenate(parts, axis=columns.dim)
         tensor = torch.from_numpy(np.array(data))  # a copy: the memory map stays read-only
         return tensor.view(torch.bfloat16) if bf16 else tensor
 
     def order(self, name: str) -> tuple:
-        return (str(self.path), int(self._stored[self._layout[name].parts[0][0]].data_offset))
+        return (str(self.path), int(self._stored[self.stored_name(name)].data_offset))
 
     def close(self) -> None:
         self._stored.clear()  # the memory map goes with the last reference

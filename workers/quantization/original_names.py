@@ -72,6 +72,12 @@ def _rows_only(dim: int) -> None:
         raise NotImplementedError("the converter splits or joins along a dimension other than rows")
 
 
+def has_converter(class_name: str) -> bool:
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    return SINGLE_FILE_LOADABLE_CLASSES.get(class_name, {}).get("checkpoint_mapping_fn") is not None
+
+
 def diffusers_layout(class_name: str, stored: dict[str, tuple[int, ...]]) -> dict[str, Rows]:
     """Diffusers tensor name -> its rows among `stored` (name -> shape), by diffusers' converter for
     `class_name`; ValueError when diffusers has none or it needs more than rows."""
@@ -86,3 +92,88 @@ def diffusers_layout(class_name: str, stored: dict[str, tuple[int, ...]]) -> dic
     except (NotImplementedError, KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"the original-layout names cannot be mapped to {class_name}'s: {exc!r}") from None
     return {name: rows for name, rows in converted.items() if isinstance(rows, Rows)}
+
+
+SCALE_SUFFIXES = ("weight_scale", "scale_weight")  # FP8 scales: compressed-tensors' / ComfyUI's "scaled fp8"
+
+
+class RowCheckpoint:
+    """A checkpoint read by model tensor names: its stored names, or for a file in the model's
+    original layout (it lacks the model's names), rows of stored tensors as diffusers' converter for
+    the model class lays them out. Subclasses say how to read and describe stored tensors."""
+
+    def _set_layout(self, expected: set[str], class_name: str) -> None:
+        """`expected`: the model's parameter names. A checkpoint that lacks some is read in the
+        original layout when diffusers' converter for `class_name` maps it onto all of them (else
+        as stored, and the loader names what is missing)."""
+        self._shapes = shapes = self._stored_shapes()
+        self._layout = {name: Rows(((name, 0, shape[0] if shape else 1),), tuple(shape[1:]))
+                        for name, shape in shapes.items()}
+        if not expected <= set(shapes) and has_converter(class_name):
+            try:
+                converted = diffusers_layout(class_name, {n: s for n, s in shapes.items() if s})
+            except ValueError:
+                return
+            if expected <= set(converted):
+                self._layout = converted
+
+    # what a subclass provides
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _read_stored(self, stored: str, start: int, end: int, columns) -> torch.Tensor:
+        """Rows [start, end) of a stored tensor (a 0-dim one whole), sliced as `columns` says on
+        another dimension."""
+        raise NotImplementedError
+
+    def order(self, name: str) -> tuple:
+        """Where tensor `name` starts in the files: reading in this order reads them front to back."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of the open files."""
+
+    # reading by model names
+    def __contains__(self, name: str) -> bool:
+        return name in self._layout
+
+    def stored_name(self, name: str) -> str:
+        return self._layout[name].parts[0][0]
+
+    def read_rows(self, name: str, slices) -> torch.Tensor:
+        """This slice of tensor `name` as stored (rows picked from the stored tensors)."""
+        rows = self._layout[name]
+        if self._shapes[rows.parts[0][0]] == ():
+            return self._read_stored(rows.parts[0][0], 0, 1, None)  # a 0-dim tensor, whole
+        if slices is not None and slices.dim == 0:
+            parts = [part for start, end in slices.ranges for part in rows.rows(start, end).parts]
+            columns = None
+        else:
+            parts, columns = rows.parts, slices
+        return torch.cat([self._read_stored(stored, start, end, columns) for stored, start, end in parts])
+
+    def scale_of(self, name: str) -> tuple[Rows, bool] | None:
+        """FP8 weight `name`'s scales as rows of the stored scale tensors, and whether they are
+        per output channel; None when it has none (scale 1)."""
+        shapes, parts = self._shapes, []
+        for stored, start, end in self._layout[name].parts:
+            base = stored.removesuffix(".weight")
+            key = next((f"{base}.{suffix}" for suffix in SCALE_SUFFIXES if f"{base}.{suffix}" in shapes), None)
+            if key is None:
+                return None
+            parts.append((key, start, end))
+        per_channel = torch.Size(shapes[parts[0][0]]).numel() > 1
+        if per_channel:
+            return Rows(tuple(parts), ()), True
+        if len({key for key, _, _ in parts}) > 1:
+            raise ValueError(f"{name} joins rows of tensors with different per-tensor FP8 scales")
+        return Rows(((parts[0][0], 0, 1),), ()), False
+
+    def read_scale(self, name: str, slices) -> torch.Tensor:
+        rows, per_channel = self.scale_of(name)
+        if not per_channel:
+            return self._read_stored(rows.parts[0][0], 0, 1, None).float().reshape(())
+        if slices is not None and slices.dim == 0:
+            rows = Rows(tuple(part for start, end in slices.ranges for part in rows.rows(start, end).parts), ())
+        return torch.cat([self._read_stored(key, start, end, None).float().reshape(-1)
+                          for key, start, end in rows.parts])

@@ -27,8 +27,6 @@ from workers.quantization import gguf_blocks
 from workers.quantization.weights import METHODS, QuantizedLinear, QuantizedWeight, quantize
 from workers.shard_slices import shard_slices
 
-SCALE_SUFFIXES = ("weight_scale", "scale_weight")  # compressed-tensors / ComfyUI "scaled fp8"
-
 
 @dataclass(frozen=True)
 class Quantization:
@@ -91,19 +89,15 @@ def weight_formats(model: nn.Module, quantization: Quantization, checkpoint=None
                                      f"{', '.join(k.name for k in gguf_blocks.SUPPORTED)}")
                 formats[name] = WeightFormat("gguf", gguf_type=kind)
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in quantization.keep):
-            continue
         stored_fp8 = checkpoint is not None and checkpoint.dtype(key) == torch.float8_e4m3fn
         if stored_fp8 and quantization.method != "fp8":
             raise ValueError(f"{key} is stored in float8: serve it with --quantization fp8")
-        scale = _scale_key(checkpoint, name) if stored_fp8 else None
-        per_channel = not stored_fp8 or (scale is not None and checkpoint.numel(scale) > 1)
+        if not stored_fp8 and any(fnmatch.fnmatchcase(name, pattern) for pattern in quantization.keep):
+            continue  # kept in the compute dtype (a layer stored in float8 stays float8, with its scale)
+        scale = checkpoint.scale_of(key) if stored_fp8 else None
+        per_channel = not stored_fp8 or (scale is not None and scale[1])
         formats[name] = WeightFormat(quantization.method, per_channel=per_channel)
     return formats
-
-
-def _scale_key(checkpoint, layer: str) -> str | None:
-    return next((f"{layer}.{suffix}" for suffix in SCALE_SUFFIXES if f"{layer}.{suffix}" in checkpoint), None)
 
 
 def quantize_layers(model: nn.Module, formats: dict[str, WeightFormat], dtype: torch.dtype) -> None:
@@ -134,12 +128,8 @@ def read_quantized(name: str, weight: QuantizedWeight, checkpoint) -> dict[str, 
     tensors = {}
     if checkpoint.dtype(name) == torch.float8_e4m3fn:
         tensors["values"] = checkpoint.read(name, slices)
-        scale_key = _scale_key(checkpoint, name.removesuffix(".weight"))
-        if scale_key is None:
-            tensors["scale"] = torch.ones(())
-        else:
-            scale = checkpoint.read(scale_key, shard_slices(weight.scale)).float()
-            tensors["scale"] = scale.reshape(-1) if weight.per_channel else scale.reshape(())
+        has_scale = checkpoint.scale_of(name) is not None
+        tensors["scale"] = checkpoint.read_scale(name, shard_slices(weight.scale)) if has_scale else torch.ones(())
     else:
         rows = slices if slices is not None and slices.dim == 0 else None
         values, scale = quantize(checkpoint.read(name, rows), weight.method)
