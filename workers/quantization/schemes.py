@@ -140,10 +140,14 @@ def read_quantized(name: str, weight: QuantizedWeight, checkpoint) -> dict[str, 
 
 
 def fill_randomly(weight: QuantizedWeight, generator: torch.Generator, device: torch.device) -> None:
-    """Dummy weights: N(0, 0.02) quantized in the weight's own format (no NaN, unlike random bytes)."""
-    dense = torch.empty(weight.shape, device=device).normal_(0.0, 0.02, generator=generator)
+    """Dummy weights with the spread of N(0, 0.02), in the weight's own format (valid blocks and
+    scales, unlike random bytes): fp8/int8 drawn as integers, uniform in +-127 steps of a scale that
+    gives that spread, without a float copy of the layer."""
     if weight.method == "gguf":
+        dense = torch.empty(weight.shape, device=device).normal_(0.0, 0.02, generator=generator)
         weight.values = gguf_blocks.quantize(dense, weight.gguf_type)
-    else:
-        weight.values, weight.scale = quantize(dense, weight.method)
+        return
+    steps = torch.randint(-127, 128, weight.shape, generator=generator, device=device, dtype=torch.int8)
+    weight.values = steps.to(weight.values.dtype)
+    weight.scale = torch.full(weight.scale.shape, 0.02 * 3**0.5 / 127, device=device)
 
