@@ -89,7 +89,7 @@ def diffusers_layout(class_name: str, stored: dict[str, tuple[int, ...]]) -> dic
     placeholders = {name: Rows(((name, 0, shape[0]),), tuple(shape[1:])) for name, shape in stored.items()}
     try:
         converted = converter(placeholders)
-    except (NotImplementedError, KeyError, IndexError, ValueError) as exc:
+    except (NotImplementedError, KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
         raise ValueError(f"the original-layout names cannot be mapped to {class_name}'s: {exc!r}") from None
     return {name: rows for name, rows in converted.items() if isinstance(rows, Rows)}
 
