@@ -37,6 +37,14 @@ def _generate(model: Path, quantization: str, tp: int, **options) -> tuple:
         return omni.generate(REFERENCE_PROMPT, params)[0].images[0], omni.rank_parameter_bytes()
 
 
+def _assert_diffusers_image_at_tp1_and_tp2(model: Path, quantization: str, expected) -> None:
+    """TP=1 gives diffusers' image on the decoded weights, TP=2 gives TP=1's (max pixel difference <= 1)."""
+    one, _ = _generate(model, quantization, 1)
+    assert max_pixel_difference(one, expected) <= 1
+    two, _ = _generate(model, quantization, 2)
+    assert max_pixel_difference(two, one) <= 1
+
+
 def _copy_with_weights(source: Path, target: Path, weights: dict[str, torch.Tensor]) -> Path:
     """`source` with its DiT's weights replaced (the reference, or the quantized checkpoint)."""
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.gguf"))
@@ -133,10 +141,7 @@ def test_int8_quantized_at_load_matches_the_per_row_rule_in_diffusers_and_tp2(ti
         step = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         decoded[f"{name}.weight"] = (weight / step).round().clamp(-127, 127) * step
     reference = reference_image(_copy_with_weights(source, tmp_path / "reference", decoded), "z-image", 64, 96)
-    one, _ = _generate(source, "int8", 1)
-    assert max_pixel_difference(one, reference) <= 1
-    two, _ = _generate(source, "int8", 2)
-    assert max_pixel_difference(two, one) <= 1
+    _assert_diffusers_image_at_tp1_and_tp2(source, "int8", reference)
 
 
 def test_lora_adapters_apply_on_top_of_quantized_layers(fp8_z_image, adapters):
@@ -214,10 +219,7 @@ def test_a_gguf_file_in_the_original_layout_reads_through_diffusers_converter(ti
     reference = convert_z_image_transformer_checkpoint_to_diffusers(decoded)
     assert set(reference) == set(weights)
     expected = reference_image(_copy_with_weights(source, tmp_path / "reference", reference), "z-image", 64, 96)
-    one, _ = _generate(folder, "gguf", 1)
-    assert max_pixel_difference(one, expected) <= 1
-    two, _ = _generate(folder, "gguf", 2)
-    assert max_pixel_difference(two, one) <= 1
+    _assert_diffusers_image_at_tp1_and_tp2(folder, "gguf", expected)
 
 
 def test_an_fp8_checkpoint_in_the_original_layout_splits_its_fused_rows_and_their_scales(tiny_dir, tmp_path):
@@ -243,10 +245,7 @@ def test_an_fp8_checkpoint_in_the_original_layout_splits_its_fused_rows_and_thei
         {name.removeprefix("model.diffusion_model."): decoded.get(name, t) for name, t in original.items()})
     expected = reference_image(_copy_with_weights(source, tmp_path / "reference", reference), "z-image", 64, 96)
     folder = _copy_with_weights(source, tmp_path / "fp8-original", stored)
-    one, _ = _generate(folder, "fp8", 1)
-    assert max_pixel_difference(one, expected) <= 1
-    two, _ = _generate(folder, "fp8", 2)
-    assert max_pixel_difference(two, one) <= 1
+    _assert_diffusers_image_at_tp1_and_tp2(folder, "fp8", expected)
 
 
 def test_an_fp8_checkpoint_served_without_fp8_fails_to_load_saying_so(fp8_z_image):
