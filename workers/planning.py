@@ -188,6 +188,8 @@ def rank_memory(
     for name, (library, class_name) in unsharded_models(model_path, set(sharded)).items():
         whole[library] += sum(_bytes(build_meta_component(library, class_name, model_path / name), dtype))
     built = {name: build_meta_component(c.library, c.class_name, model_path / name) for name, c in sharded.items()}
+    headers = {name: _gguf_header(built[name], model_path / name, c, asked, transformer_file)  # read once
+               for name, c in sharded.items()}
     splits = [s for s in text_encoder_splits(family, model_path, world_size) if s.name in sharded]
     split_sizes = {s.name: s.size for s in splits}
     notes = [describe_split(s, world_size) for s in splits if s.size < world_size]
@@ -200,9 +202,8 @@ def rank_memory(
             if name != "transformer" and ((cfg, ulysses) != (0, 0) or tp_rank >= size):
                 continue
             module = copy.deepcopy(built[name])  # cheaper than building again (tables computed at init)
-            checkpoint = _gguf_header(module, model_path / name, component, asked, transformer_file)
             moved.extend(f"{name}: {line}" for line in
-                         shard_on_meta(module, component, tp_rank, size, dtype, asked, checkpoint))
+                         shard_on_meta(module, component, tp_rank, size, dtype, asked, headers[name]))
             counts[name] = _bytes(module, dtype)
         encoders = [counts[name] for name in counts if name != "transformer"]
         on_driver = rank == 0
