@@ -99,7 +99,7 @@ def run_worker(rank: int, spec: WorkerSpec, channels: RankChannels, log_level: i
     events.put(WorkerReady(rank=rank, load_s=time.perf_counter() - started, parameter_bytes=_bytes_held(components),
                            load_s_by_model=load_s))
     if rank == 0:
-        (_drive_continuous if runner.concurrent else _drive)(runner, channels, CancelledIds(channels.cancels))
+        _drive(runner, channels, CancelledIds(channels.cancels))
         if spec.world_size > 1 and not parallel_state.group_broken():
             forward_broadcast.ring(channels.doorbells)
             forward_broadcast.send(forward_broadcast.STOP)
@@ -232,18 +232,26 @@ class CancelledIds:
 
 
 def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledIds) -> None:
-    """Driver loop of request scheduling: one batch at a time from the engine; None means stop.
+    """Driver loop: batches and adapter commands from the engine until None (stop), run one at a
+    time (request scheduling) or each in a thread of its own (continuous: `runner.concurrent`).
 
     Cancellation is decided here, on rank 0 only, between denoising steps: followers simply never
-    receive the next forward call, so the ranks cannot diverge. Followers are rung awake for each
-    batch and sent back to their doorbell after it, so they never idle inside a collective.
+    receive the next forward call, so the ranks cannot diverge. Followers are rung awake for work and
+    sent back to their doorbell after it, so they never idle inside a collective. A stop, an adapter
+    command or a fault first lets the running calls end; an adapter command then runs alone.
     """
+    calls = _Session() if runner.concurrent else _OneAtATime()
     while True:
-        item = _next_item(channels, _POLL_S)
+        calls.tidy()
+        if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
+            return
+        item = _next_item(channels, calls.poll_s)
         if item is _NOTHING:
-            if not _parent_alive():
+            if calls.idle and not _parent_alive():
                 return
             continue
+        if item is None or isinstance(item, AdapterCommand) or parallel_state.faulted():
+            calls.end()
         if item is None:
             return
         if isinstance(item, AdapterCommand):
@@ -251,62 +259,70 @@ def _drive(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledI
             continue
         live = _not_cancelled(item.requests, cancelled, channels.events)
         if live:
-            for outcome in _run_batch(runner, live, channels, cancelled):
-                channels.events.put(outcome)
-            if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
-                return
+            calls.start(runner, live, channels, cancelled)
 
 
-def _drive_continuous(runner: PipelineRunner, channels: RankChannels, cancelled: CancelledIds) -> None:
-    """Driver loop of continuous scheduling: every batch runs in a thread of its own as soon as it
-    arrives (the engine bounds how many), and their DiT calls merge step by step (StepMerger).
+class _OneAtATime:
+    """Request scheduling: each batch runs to its end on the driver's thread, the followers rung for it."""
+
+    poll_s, idle = _POLL_S, True
+
+    def tidy(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def start(self, runner: PipelineRunner, live: list, channels: RankChannels, cancelled: CancelledIds) -> None:
+        for outcome in _run_batch(runner, live, channels, cancelled):
+            channels.events.put(outcome)
+
+
+class _Session:
+    """Continuous scheduling: every batch runs in a thread of its own as soon as it arrives (the
+    engine bounds how many), and their DiT calls merge step by step (StepMerger).
 
     The followers are rung when the first call starts and sent back to their doorbells when the last
     one ends (a session). After a fault the session's running calls fail at their next collective;
-    new batches wait until it has ended and been settled, so they start on healthy ranks. An adapter
-    command also waits for the running calls, and runs alone."""
-    running: list[threading.Thread] = []
-    session = False
+    new batches wait until it has ended and been settled, so they start on healthy ranks."""
 
-    def end_session() -> None:
-        nonlocal session
-        for thread in running:
+    def __init__(self) -> None:
+        self.running: list[threading.Thread] = []
+        self.open = False
+
+    @property
+    def poll_s(self) -> float:
+        return 0.02 if self.running else _POLL_S
+
+    @property
+    def idle(self) -> bool:
+        return not self.running
+
+    def tidy(self) -> None:
+        """Forget the calls that ended; end the session when none is left."""
+        self.running[:] = [thread for thread in self.running if thread.is_alive()]
+        if self.open and not self.running:
+            self.end()
+
+    def end(self) -> None:
+        """Wait for the running calls, then send the followers back to their doorbells."""
+        for thread in self.running:
             thread.join()
-        running.clear()
-        if session and not parallel_state.group_broken():
+        self.running.clear()
+        if self.open and not parallel_state.group_broken():
             fault = forward_broadcast.end_batch()
             if fault is not None:
                 logger.warning("a fault ended the running requests: %s", fault)
-        session = False
+        self.open = False
 
-    while True:
-        running[:] = [thread for thread in running if thread.is_alive()]
-        if session and not running:
-            end_session()
-        if parallel_state.group_broken():  # a peer rank is gone: exit so the engine sees the group is dead
-            return
-        item = _next_item(channels, 0.02 if running else _POLL_S)
-        if item is _NOTHING:
-            if not running and not _parent_alive():
-                return
-            continue
-        if item is None or isinstance(item, AdapterCommand) or parallel_state.faulted():
-            end_session()
-        if item is None:
-            return
-        if isinstance(item, AdapterCommand):
-            _run_command(runner, channels, item)
-            continue
-        live = _not_cancelled(item.requests, cancelled, channels.events)
-        if not live:
-            continue
-        if not session:
+    def start(self, runner: PipelineRunner, live: list, channels: RankChannels, cancelled: CancelledIds) -> None:
+        if not self.open:
             forward_broadcast.ring(channels.doorbells)
-            session = True
+            self.open = True
         thread = threading.Thread(target=_run_and_report, args=(runner, live, channels, cancelled),
                                   name=f"ditserve-call-{live[0].request_id[:8]}", daemon=True)
         thread.start()
-        running.append(thread)
+        self.running.append(thread)
 
 
 _NOTHING = object()
