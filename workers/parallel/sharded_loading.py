@@ -210,7 +210,8 @@ class SafetensorsCheckpoint(RowCheckpoint):
         return self.read_rows(name, slices)
 
     def _read_stored(self, stored: str, start: int, end: int, columns: ShardSlices | None) -> torch.Tensor:
-        if self._shapes[stored] == ():
+        shape = self._shapes[stored]
+        if shape == () or (columns is None and (start, end) == (0, shape[0])):  # whole: from the map, no copy
             handle, key = self._handle(stored)
             return handle.get_tensor(key)
         view = self._view(stored)

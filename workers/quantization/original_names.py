@@ -150,7 +150,8 @@ class RowCheckpoint:
             columns = None
         else:
             parts, columns = rows.parts, slices
-        return torch.cat([self._read_stored(stored, start, end, columns) for stored, start, end in parts])
+        pieces = [self._read_stored(stored, start, end, columns) for stored, start, end in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def scale_of(self, name: str) -> tuple[Rows, bool] | None:
         """FP8 weight `name`'s scales as rows of the stored scale tensors, and whether they are
